@@ -1,0 +1,1808 @@
+"""mmap_ninja: memory-mapped datasets of numpy arrays and strings, in one file.
+
+Training loops that open thousands of small files spend their time in the file system. mmap_ninja
+keeps a whole dataset in a few memory-mapped files, so reading sample ``i`` costs about what
+slicing an in-memory numpy array costs.
+
+This single module is a drop-in for the published ``mmap_ninja`` package (0.8.2 / 0.9.0): it has
+the same API and import paths (``from mmap_ninja import numpy as np_ninja``,
+``from mmap_ninja.ragged import RaggedMmap``, ...) and reads and writes the same directories.
+It needs only numpy. To vendor it, copy this file into your project (for example
+``myproj/_vendor/mmap_ninja.py``); its submodule names register under the name it is imported as.
+
+Stores
+------
+- numpy store: one ``np.memmap``; see ``np_from_ndarray``, ``np_from_generator``,
+  ``np_open_existing``, ``np_extend_dir``.
+- ``RaggedMmap``: a sequence of arrays of different shapes (one dtype).
+- ``StringsMmap``: a sequence of ``str``, optionally zstd-compressed.
+- ``ShardedMmap``: several stores read as one sequence.
+- ``open_existing``: open any of them by what its directory says it is.
+
+On-disk format (version 1, the published package's layout)
+-----------------------------------------------------------
+Every store is a directory. Numbers in ``*.ninja`` metadata are little-endian; text is ASCII.
+
+numpy store::
+
+    type.ninja    "numpy"
+    dtype.ninja   text that np.dtype() parses to the exact dtype: the dtype's name where that is
+                  exact ("float32", "bool"), else its str ("<U7", ">f4", "<M8[ns]"), else, for
+                  structured dtypes, the Python literal of dtype.descr (parsed with
+                  ast.literal_eval, never evaluated as code; readers without that support fail
+                  with an error instead of returning wrong data).
+    shape.ninja   every axis length as <u8, concatenated (empty for a 0-d array)
+    order.ninja   "C" or "F"
+    data.ninja    the raw array bytes in that order. Readers MUST ignore bytes past
+                  prod(shape) * itemsize: a writer killed mid-append leaves them there.
+
+ragged store: the directory is itself a numpy store (type "ragged") holding the 1-D concatenation
+of all samples, each flattened in C order; plus
+
+    starts/, ends/        numpy stores, int64, 1-D: sample i is data[starts[i]:ends[i]]
+                          (element offsets). THE NUMBER OF SAMPLES IS len(starts).
+    flattened_shapes/     numpy store, int64: element count of each sample
+    shapes_are_flat.ninja <i4: 1 when every sample is 1-D or 0-d, else 0
+    shapes/               flat: numpy store, int64, shape (n, 1), each sample's length; a 0-d
+                          sample is recorded as 0 with 1 in flattened_shapes. Not flat: a ragged
+                          store whose sample i is the int64 shape of sample i.
+
+strings store::
+
+    type.ninja       "string"
+    data.ninja       UTF-8 bytes of every string, concatenated (raw, no metadata)
+    starts/, ends/   numpy stores, int64: byte offsets; the number of strings is len(starts)
+    zstd_level.ninja optional, ASCII integer: each string is one zstd frame
+    zstd_dict.ninja  optional: the raw zstd dictionary used to compress and decompress
+
+Commit protocol (what makes a killed writer harmless): an append first writes sample bytes past
+the committed end of each file, then updates lengths, each with one 8-byte in-place write of
+the first axis in ``shape.ninja``, in the order data, shapes, flattened_shapes, ends, starts. The
+sample count (``starts``) is written last, so every reader sees either the old samples or the
+new ones, and the next append overwrites whatever a killed writer left behind. New metadata
+files are written to a temporary name and ``os.replace``-d. Writers of one store are serialized
+with ``flock`` on its directory where the platform has it. Appends are not fsync-ed unless
+``durable=True`` is passed (or ``flush()`` called): a killed process never loses committed
+samples, but power loss may lose the latest ones.
+"""
+
+__version__ = "1.0.0"
+__version_info__ = (1, 0, 0)
+FORMAT_VERSION = 1
+
+__all__ = [
+    "Wrapped", "RaggedMmap", "StringsMmap", "ShardedMmap", "open_existing",
+    "np_from_ndarray", "np_from_generator", "np_open_existing", "np_extend_dir", "np_extend",
+    "np_append", "np_empty", "__version__",
+]
+
+import argparse
+import ast
+import bisect
+import contextlib
+import mmap
+import os
+import shutil
+import struct
+import sys
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:  # POSIX: serialize writers with flock. Windows has no fcntl; writers are then not locked.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+
+###################################################################################################
+# Format I/O: small helpers that read and write the metadata files with clear errors
+###################################################################################################
+
+_U64 = struct.Struct("<Q")
+_I32 = struct.Struct("<i")
+# memoryview.cast("q") turns an index file into Python ints in ~30 ns. It reads native byte
+# order, so big-endian machines use (slower) numpy views of "<i8" instead.
+_NATIVE_LITTLE = sys.byteorder == "little"
+# Python 3.13 lets a map live without holding a duplicate file descriptor.
+_MMAP_KW = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def _read_bytes(path, what):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{what} is missing: {path} does not exist (the store is damaged, or this directory "
+            f"is not a mmap_ninja store)") from None
+    except PermissionError as e:
+        raise PermissionError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def _read_text(path, what):
+    raw = _read_bytes(path, what)
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not ASCII text: {raw[:40]!r}") from None
+
+
+def _write_atomic(path, data, durable=False):
+    """Write a whole small file so that readers see the old content or the new, never a mix."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dtype_to_text(dtype, path=""):
+    """The text stored in dtype.ninja: the oldest spelling that np.dtype() parses back exactly."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError(f"{path}: dtype {dtype!r} holds Python objects, which cannot be "
+                        f"memory-mapped; convert to a numeric, bool, bytes or str dtype first")
+    candidates = [dtype.name, dtype.str] if dtype.names is None else [repr(dtype.descr)]
+    for text in candidates:
+        try:
+            if _parse_dtype(text) == dtype:
+                return text
+        except (TypeError, ValueError, SyntaxError):
+            pass
+    raise TypeError(f"{path}: dtype {dtype!r} cannot be stored exactly (no text form of it "
+                    f"round-trips through np.dtype)")
+
+
+def _parse_dtype(text, path="dtype.ninja"):
+    try:
+        # Structured dtypes are stored as the literal of dtype.descr; literal_eval never runs code.
+        spec = ast.literal_eval(text) if text.startswith("[") else text
+        dtype = np.dtype(spec)
+    except (TypeError, ValueError, SyntaxError, MemoryError) as e:
+        raise ValueError(f"{path}: cannot parse dtype {text!r}: {e}") from None
+    if dtype.hasobject:
+        raise ValueError(f"{path}: dtype {text!r} holds Python objects; refusing to map it")
+    return dtype
+
+
+def _read_kind(store_dir):
+    kind = _read_text(os.path.join(store_dir, "type.ninja"), "store type")
+    if kind not in ("numpy", "ragged", "string"):
+        raise ValueError(f"{store_dir}: unknown store type {kind!r} in type.ninja "
+                         f"(expected 'numpy', 'ragged' or 'string')")
+    return kind
+
+
+def _read_meta(store_dir):
+    """dtype, shape and order of the numpy store (or ragged data) in store_dir."""
+    dtype = _parse_dtype(_read_text(os.path.join(store_dir, "dtype.ninja"), "dtype"),
+                         os.path.join(store_dir, "dtype.ninja"))
+    shape_path = os.path.join(store_dir, "shape.ninja")
+    raw = _read_bytes(shape_path, "shape")
+    if len(raw) % 8:
+        raise ValueError(f"{shape_path} is {len(raw)} bytes long, not a multiple of 8: "
+                         f"the shape file is damaged")
+    shape = struct.unpack(f"<{len(raw) // 8}Q", raw)
+    order_path = os.path.join(store_dir, "order.ninja")
+    order = _read_text(order_path, "order") if os.path.exists(order_path) else "C"
+    if order not in ("C", "F"):
+        raise ValueError(f"{order_path}: order must be 'C' or 'F', found {order!r}")
+    return dtype, shape, order
+
+
+def _write_meta(store_dir, dtype, shape, order="C", kind="numpy", durable=False):
+    """Create a numpy store's metadata; type.ninja comes last, so its presence means 'complete'."""
+    os.makedirs(store_dir, exist_ok=True)
+    join = os.path.join
+    _write_atomic(join(store_dir, "dtype.ninja"), _dtype_to_text(dtype, store_dir).encode(), durable)
+    _write_atomic(join(store_dir, "shape.ninja"), b"".join(_U64.pack(int(a)) for a in shape), durable)
+    _write_atomic(join(store_dir, "order.ninja"), order.encode(), durable)
+    data_path = join(store_dir, "data.ninja")
+    if not os.path.exists(data_path):
+        open(data_path, "wb").close()
+    _write_atomic(join(store_dir, "type.ninja"), kind.encode(), durable)
+
+
+def _open_fd(path, writable):
+    try:
+        return os.open(path, (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY, 0o666)
+    except PermissionError as e:
+        raise PermissionError(f"cannot open {path} for {'writing' if writable else 'reading'}: "
+                              f"{e.strerror}; check the store's file permissions") from None
+
+
+def _map(path, nbytes, access=mmap.ACCESS_READ, what="data"):
+    """Map the first nbytes of path (None for 0 bytes, which mmap cannot map)."""
+    fd = _open_fd(path, access == mmap.ACCESS_WRITE)
+    try:
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            raise ValueError(f"{path} holds {size} bytes but its metadata needs {nbytes}: the "
+                             f"{what} file is truncated or the store is damaged")
+        return mmap.mmap(fd, nbytes, access=access, **_MMAP_KW) if nbytes else None
+    finally:
+        os.close(fd)
+
+
+def _int64_view(mm, n):
+    """Fast int64 lookups over the first n entries of a map (n fixed: the store's snapshot)."""
+    if mm is None or n == 0:
+        return memoryview(b"").cast("q") if _NATIVE_LITTLE else np.zeros(0, "<i8")
+    if _NATIVE_LITTLE:
+        return memoryview(mm)[: 8 * n].cast("q")
+    return np.frombuffer(mm, "<i8", n)
+
+
+def _byte_view(chunk):
+    if isinstance(chunk, np.ndarray):  # memoryview refuses datetime64 and some structured dtypes
+        return memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+    return memoryview(chunk).cast("B")
+
+
+def _write_all(fd, offset, chunks):
+    """Write chunks (bytes-like) at offset; torn bytes a killed writer left past it are dropped.
+    Returns the offset after the last byte written."""
+    if os.fstat(fd).st_size > offset:
+        os.ftruncate(fd, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return offset + _write_here(fd, chunks)
+
+
+def _write_here(fd, chunks):
+    """Write chunks at the descriptor's current position; returns the byte count."""
+    views = [v for v in map(_byte_view, chunks) if v.nbytes]
+    total = sum(v.nbytes for v in views)
+    while views:
+        if hasattr(os, "writev"):  # one system call for many small samples
+            written = os.writev(fd, views[:1024])
+        else:  # pragma: no cover - Windows
+            written = os.write(fd, views[0])
+        while views and written >= views[0].nbytes:
+            written -= views.pop(0).nbytes
+        if written:
+            views[0] = views[0][written:]
+    return total
+
+
+def _set_length(fd, n):
+    """Commit a store's first-axis length: one 8-byte in-place write no killed process can tear."""
+    if os.pwrite(fd, _U64.pack(n), 0) != 8:  # pragma: no cover - never seen for 8 bytes
+        raise OSError(f"short write committing length {n}")
+
+
+def _as_sample(value, path, dtype=None):
+    """value as an ndarray that can be stored; refuses objects and impossible casts up front."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged nested lists and the like
+        raise TypeError(f"{path}: cannot store {type(value).__name__} value as an array: {e}") from None
+    if arr.dtype.hasobject:
+        raise TypeError(f"{path}: sample {_short(value)} is not array-like (numpy gives it "
+                        f"object dtype); samples must be numeric, bool, bytes or str arrays")
+    if dtype is not None and arr.dtype != dtype:
+        lossy = not np.can_cast(arr.dtype, dtype, casting="same_kind")
+        if dtype.kind in "USV" and arr.dtype.kind == dtype.kind:  # would silently truncate
+            lossy = lossy or arr.dtype.itemsize > dtype.itemsize
+        if not lossy and arr.dtype.kind in "iu" and dtype.kind in "iu" and arr.size:
+            info = np.iinfo(dtype)  # integers must fit: no silent wrap-around
+            lossy = int(arr.min()) < info.min or int(arr.max()) > info.max
+        if lossy:
+            raise TypeError(f"{path}: cannot store a sample of dtype {arr.dtype} in a store of "
+                            f"dtype {dtype} without losing values; convert it first")
+        arr = arr.astype(dtype)
+    return arr
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+class _Lock:
+    """flock on the store directory: one writer at a time, across processes and objects."""
+
+    def __init__(self, store_dir):
+        self.store_dir = store_dir
+        self.fd = None
+
+    def __enter__(self):
+        if fcntl is not None:
+            try:
+                self.fd = os.open(self.store_dir, os.O_RDONLY)
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without flock: carry on unlocked
+                self.__exit__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+###################################################################################################
+# Progress: tqdm when installed, otherwise a small text bar on stderr
+###################################################################################################
+
+def _progress(iterable, total=None, desc="", verbose=False):
+    if not verbose:
+        return iterable
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _TextBar(iterable, total, desc)
+    return tqdm(iterable, total=total, desc=desc)
+
+
+class _TextBar:
+    """ASCII progress on one stderr line, redrawn at most every 0.1 s; never fails the job."""
+
+    def __init__(self, iterable, total=None, desc="", stream=None, interval=0.1):
+        self.iterable, self.total, self.desc = iterable, total, desc
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval, self.width = interval, 0
+
+    def __iter__(self):
+        start = last = time.monotonic()
+        count = 0
+        try:
+            for count, item in enumerate(self.iterable, 1):
+                yield item
+                now = time.monotonic()
+                if now - last >= self.interval:
+                    self._draw(count, now - start)
+                    last = now
+        finally:
+            self._draw(count, time.monotonic() - start, end="\n")
+
+    def _draw(self, count, elapsed, end=""):
+        rate = count / elapsed if elapsed > 0 else 0.0
+        text = f"{self.desc}: " if self.desc else ""
+        if self.total:
+            eta = (self.total - count) / rate if rate else 0.0
+            text += f"{100 * count / self.total:3.0f}% {count}/{self.total} [{rate:.1f} it/s, ETA {eta:.0f}s]"
+        else:
+            text += f"{count} [{rate:.1f} it/s]"
+        pad = " " * max(0, self.width - len(text))
+        self.width = len(text)
+        try:
+            self.stream.write("\r" + text + pad + end)
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream must not kill the conversion
+            pass
+
+
+###################################################################################################
+# base: Wrapped and indexing helpers
+###################################################################################################
+
+def _copy(sample):
+    return np.array(sample, copy=True) if isinstance(sample, np.ndarray) else sample
+
+
+def _is_int(item):
+    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
+
+
+def _indices(item, n, path):
+    """A slice, list/array of ints or boolean mask as an int64 array of non-negative indices."""
+    if isinstance(item, slice):
+        return np.arange(*item.indices(n), dtype=np.int64)
+    idx = np.asarray(item)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise IndexError(f"{path}: boolean mask of shape {idx.shape} does not match the "
+                             f"store's {n} samples")
+        return np.flatnonzero(idx)
+    if idx.size == 0:
+        return np.zeros(0, np.int64)
+    if idx.dtype.kind not in "iu" or idx.ndim != 1:
+        raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
+                        f"boolean mask, got {_short(item)}")
+    idx = idx.astype(np.int64)
+    bad = (idx < -n) | (idx >= n)
+    if bad.any():
+        raise IndexError(f"{path}: index {int(idx[bad][0])} is out of range for {n} samples")
+    return np.where(idx < 0, idx + n, idx)
+
+
+class Wrapped:
+    """Apply ``wrapper_fn`` lazily to each sample of ``data`` on ``__getitem__``.
+
+    By default the sample is copied first, so ``wrapper_fn`` gets a writable array it owns
+    (``torch.from_numpy`` then warns about nothing). A slice or list index gives a list.
+    Pickles small when ``data`` is one of this module's stores.
+    """
+
+    def __init__(self, data, wrapper_fn, copy_before_wrapper_fn=True):
+        self.data = data
+        self.wrapper_fn = wrapper_fn
+        self.copy_before_wrapper_fn = copy_before_wrapper_fn
+
+    def _wrap(self, sample):
+        return self.wrapper_fn(_copy(sample) if self.copy_before_wrapper_fn else sample)
+
+    def __getitem__(self, item):
+        if _is_int(item):
+            return self._wrap(self.data[item])
+        return [self._wrap(self.data[int(i)]) for i in _indices(item, len(self.data), "Wrapped")]
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for i in range(len(self.data)):
+            yield self._wrap(self.data[i])
+
+    def __repr__(self):
+        return f"Wrapped({self.data!r}, {self.wrapper_fn!r})"
+
+
+###################################################################################################
+# numpy: a np.memmap per store
+###################################################################################################
+
+class _NinjaMemmap(np.memmap):
+    """The np.memmap the numpy API returns. The array itself pickles as its directory (a few
+    hundred bytes, reopened on load); its slices and views pickle as ordinary arrays."""
+
+    _ninja_dir = None  # set only on the array np_open_existing returns, not on its views
+
+    def __reduce__(self):
+        if self._ninja_dir is None:
+            return np.array(self).__reduce__()
+        return (_reopen_memmap, (self._ninja_dir, self.mode, self.shape))
+
+
+def _reopen_memmap(out_dir, mode, shape):
+    return _open_memmap(out_dir, mode, rows=shape[0] if shape else None)
+
+
+def _open_memmap(out_dir, mode="r", rows=None):
+    out_dir = os.fspath(out_dir)
+    if mode not in ("r", "r+", "c"):
+        raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
+    kind = _read_kind(out_dir)
+    if kind != "numpy":
+        raise ValueError(f"{out_dir} is a {kind} store, not a numpy store; open it with "
+                         f"mmap_ninja.open_existing")
+    dtype, shape, order = _read_meta(out_dir)
+    if rows is not None and shape:
+        shape = (min(rows, shape[0]),) + shape[1:]
+    path = os.path.join(out_dir, "data.ninja")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes == 0:  # mmap cannot map nothing; an empty memmap-typed array stands in
+        arr = np.ndarray.__new__(_NinjaMemmap, shape, dtype, order=order)
+        arr.filename, arr.mode, arr.offset, arr._mmap = os.path.abspath(path), mode, 0, None
+    else:
+        _map(path, nbytes, what="data").close()  # the clear error for a short file
+        arr = _NinjaMemmap(path, dtype=dtype, mode=mode, shape=shape, order=order)
+    arr._ninja_dir = os.path.abspath(out_dir)
+    return arr
+
+
+def np_open_existing(out_dir, mode="r"):
+    """Open the numpy store in ``out_dir`` as a ``np.memmap`` (``mode`` "r", "r+" or "c")."""
+    return _open_memmap(out_dir, mode)
+
+
+def np_empty(out_dir, dtype, shape, order="C"):
+    """Create a numpy store of zeros and return it as a writable ``np.memmap``."""
+    out_dir = os.fspath(out_dir)
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(a) for a in shape)
+    _write_meta(out_dir, dtype, (0,) + shape[1:] if shape else (), order)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    with open(os.path.join(out_dir, "data.ninja"), "r+b") as f:
+        f.truncate(nbytes)
+    if shape:
+        fd = _open_fd(os.path.join(out_dir, "shape.ninja"), True)
+        try:
+            _set_length(fd, shape[0])
+        finally:
+            os.close(fd)
+    return _open_memmap(out_dir, "r+")
+
+
+def np_from_ndarray(out_dir, arr):
+    """Write ``arr`` as a numpy store in ``out_dir``; returns it as a writable ``np.memmap``."""
+    out_dir = os.fspath(out_dir)
+    arr = _as_sample(arr, out_dir)
+    order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+    if arr.ndim == 0:
+        _write_meta(out_dir, arr.dtype, (), order)
+        with open(os.path.join(out_dir, "data.ninja"), "wb") as f:
+            f.write(arr.tobytes())
+        return _open_memmap(out_dir, "r+")
+    _write_meta(out_dir, arr.dtype, (0,) + arr.shape[1:], order)
+    with _NumpyWriter(out_dir, creating=True) as writer:
+        writer.write([np.asarray(arr, order=order).reshape(-1, order="A")], arr.shape[0])
+    return _open_memmap(out_dir, "r+")
+
+
+def np_from_generator(out_dir, sample_generator, batch_size, verbose=False):
+    """Stack the samples of a generator into a numpy store; at most one batch is held in memory
+    and the store is committed every ``batch_size`` samples."""
+    out_dir = os.fspath(out_dir)
+    batch_size = _check_batch_size(batch_size)
+    writer = None
+    batch = []
+    try:
+        for sample in _progress(sample_generator, desc="numpy", verbose=verbose):
+            if writer is None:
+                first = _as_sample(sample, out_dir)
+                _write_meta(out_dir, first.dtype, (0,) + first.shape)
+                writer = _NumpyWriter(out_dir).__enter__()
+            batch.append(sample)
+            if len(batch) == batch_size:
+                writer.extend_rows(batch)
+                batch = []
+        if writer is None:
+            raise ValueError(f"{out_dir}: the generator yielded no samples, so the store's dtype "
+                             f"and shape cannot be inferred; use np_empty(out_dir, dtype, shape)")
+        if batch:
+            writer.extend_rows(batch)
+    finally:
+        if writer is not None:
+            writer.__exit__()
+    return _open_memmap(out_dir, "r+")
+
+
+def np_extend_dir(out_dir, arr, durable=False):
+    """Append the rows of ``arr`` to the numpy store in ``out_dir`` (crash-safe, O(len(arr)));
+    returns the store reopened as a read-only ``np.memmap``."""
+    out_dir = os.fspath(out_dir)
+    with _NumpyWriter(out_dir, durable) as writer:
+        writer.extend(arr)
+    return _open_memmap(out_dir)
+
+
+def np_extend(np_mmap, arr, durable=False):
+    """Append the rows of ``arr`` to the store that ``np_mmap`` was opened from."""
+    return np_extend_dir(_memmap_dir(np_mmap), arr, durable)
+
+
+def np_append(np_mmap, sample, durable=False):
+    """Append one sample (one row) to the store that ``np_mmap`` was opened from."""
+    out_dir = _memmap_dir(np_mmap)
+    return np_extend_dir(out_dir, np.expand_dims(_as_sample(sample, out_dir), 0), durable)
+
+
+def _memmap_dir(np_mmap):
+    filename = getattr(np_mmap, "filename", None)
+    if not filename:
+        raise TypeError(f"expected a np.memmap opened by mmap_ninja, got {type(np_mmap).__name__}")
+    return os.path.dirname(filename)
+
+
+class _NumpyWriter:
+    """Appends rows to one numpy store: write the bytes past the end, then commit the length."""
+
+    def __init__(self, out_dir, durable=False, creating=False):
+        self.out_dir = out_dir
+        self.durable = durable
+        self.creating = creating  # a new Fortran-order store is written whole, once
+        self.lock = _Lock(out_dir)
+
+    def __enter__(self):
+        if _read_kind(self.out_dir) != "numpy":
+            raise ValueError(f"{self.out_dir} is not a numpy store; only numpy stores extend by rows")
+        self.lock.__enter__()
+        try:
+            self.dtype, shape, order = _read_meta(self.out_dir)
+            if not shape:
+                raise ValueError(f"{self.out_dir}: a 0-d store has no axis to append along")
+            if order == "F" and len(shape) > 1 and not self.creating:
+                raise ValueError(f"{self.out_dir}: appending to a Fortran-order store of "
+                                 f"{len(shape)} dimensions would rewrite every byte; recreate it "
+                                 f"from a C-order array (np.ascontiguousarray)")
+            self.rows, self.tail = shape[0], shape[1:]
+            self.fd = _open_fd(os.path.join(self.out_dir, "data.ninja"), True)
+            self.shape_fd = _open_fd(os.path.join(self.out_dir, "shape.ninja"), True)
+        except BaseException:
+            self.lock.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for fd in (getattr(self, "fd", None), getattr(self, "shape_fd", None)):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.shape_fd = None
+        self.lock.__exit__()
+
+    def extend(self, arr):
+        arr = _as_sample(arr, self.out_dir, self.dtype)
+        if arr.ndim == 0 or arr.shape[1:] != self.tail:
+            raise ValueError(f"{self.out_dir}: cannot extend a store of shape "
+                             f"{(self.rows,) + self.tail} with an array of shape {arr.shape}: "
+                             f"rows must have shape {self.tail}")
+        self.write([arr], arr.shape[0])
+
+    def extend_rows(self, samples):
+        """Append samples (each one row) without stacking them into a new array first."""
+        rows = [_as_sample(s, self.out_dir, self.dtype) for s in samples]
+        for row in rows:
+            if row.shape != self.tail:
+                raise ValueError(f"{self.out_dir}: every sample must have shape {self.tail} "
+                                 f"(the first sample's), got {row.shape}")
+        self.write(rows, len(rows))
+
+    def write(self, chunks, rows):
+        """chunks: C-order arrays (or, for a Fortran store's creation, flat bytes) of `rows` rows."""
+        rowbytes = int(np.prod(self.tail, dtype=np.int64)) * self.dtype.itemsize
+        _write_all(self.fd, self.rows * rowbytes, chunks)
+        if self.durable:
+            os.fsync(self.fd)
+        self.rows += rows
+        _set_length(self.shape_fd, self.rows)
+        if self.durable:
+            os.fsync(self.shape_fd)
+
+
+###################################################################################################
+# ragged: RaggedMmap, a sequence of arrays of different shapes
+###################################################################################################
+
+class _Column:
+    """The writer's side of one numpy store inside a ragged or strings store (data, starts,
+    ends, ...): its data and shape.ninja descriptors stay open between appends."""
+
+    def __init__(self, store_dir, itemsize=8, raw=False):
+        self.data_path = os.path.join(store_dir, "data.ninja")
+        self.shape_path = None if raw else os.path.join(store_dir, "shape.ninja")
+        self.itemsize = itemsize
+        self.fd = self.shape_fd = self.pos = None
+
+    def write(self, offset_items, chunks, total_items, durable):
+        offset = offset_items * self.itemsize
+        if self.fd is None:
+            self.fd = _open_fd(self.data_path, True)
+        if self.pos == offset:  # this writer wrote up to here: the file ends here
+            self.pos = offset + _write_here(self.fd, chunks)
+        else:
+            self.pos = _write_all(self.fd, offset, chunks)
+        if durable:
+            os.fsync(self.fd)
+        self.new_length = offset_items + total_items
+
+    def commit(self, durable):
+        if self.shape_path is not None:
+            if self.shape_fd is None:
+                self.shape_fd = _open_fd(self.shape_path, True)
+            _set_length(self.shape_fd, self.new_length)
+            if durable:
+                os.fsync(self.shape_fd)
+
+    def close(self):
+        for fd in (self.fd, self.shape_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.shape_fd = self.pos = None
+
+
+def _last_end(store_dir, n):
+    """ends[n-1] of the ragged or strings store in store_dir (0 when empty)."""
+    if n == 0:
+        return 0
+    fd = _open_fd(os.path.join(store_dir, "ends", "data.ninja"), False)
+    try:
+        raw = os.pread(fd, 8, (n - 1) * 8) if hasattr(os, "pread") else None
+        if raw is None:  # pragma: no cover - Windows
+            os.lseek(fd, (n - 1) * 8, os.SEEK_SET)
+            raw = os.read(fd, 8)
+    finally:
+        os.close(fd)
+    if len(raw) != 8:
+        raise ValueError(f"{store_dir}/ends/data.ninja is shorter than its {n} samples: damaged")
+    return _U64.unpack(raw)[0]
+
+
+def _count(store_dir):
+    """The committed number of samples of a ragged or strings store: len(starts)."""
+    raw = _read_bytes(os.path.join(store_dir, "starts", "shape.ninja"), "sample count")
+    if len(raw) < 8:
+        raise ValueError(f"{store_dir}/starts/shape.ninja is {len(raw)} bytes: the sample count "
+                         f"is damaged")
+    return _U64.unpack_from(raw)[0]
+
+
+def _shapes_dir(store_dir):
+    """Where the shapes of a ragged store live; a writer killed while converting flat shapes
+    to ragged ones may have left them complete under shapes.new."""
+    path = os.path.join(store_dir, "shapes")
+    if not os.path.isdir(path) and os.path.isdir(path + ".new"):
+        return path + ".new"
+    return path
+
+
+def _create_ragged(store_dir, dtype, nested, raw=False, zstd=None, durable=False):
+    """Metadata of an empty ragged (or strings, raw=True) store; type.ninja is written last."""
+    os.makedirs(store_dir, exist_ok=True)
+    for name in ("starts", "ends") + (() if raw else ("flattened_shapes",)):
+        _write_meta(os.path.join(store_dir, name), np.int64, (0,), durable=durable)
+    if raw:
+        if zstd is not None:
+            level, dictionary = zstd
+            if dictionary is not None:
+                _write_atomic(os.path.join(store_dir, "zstd_dict.ninja"), dictionary, durable)
+            _write_atomic(os.path.join(store_dir, "zstd_level.ninja"), str(level).encode(), durable)
+        data_path = os.path.join(store_dir, "data.ninja")
+        if not os.path.exists(data_path):
+            open(data_path, "wb").close()
+        _write_atomic(os.path.join(store_dir, "type.ninja"), b"string", durable)
+        return
+    shapes = os.path.join(store_dir, "shapes")
+    if nested:
+        _create_ragged(shapes, np.int64, nested=False, durable=durable)
+    else:
+        _write_meta(shapes, np.int64, (0, 1), durable=durable)
+    _write_atomic(os.path.join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0 if nested else 1), durable)
+    _write_meta(store_dir, dtype, (0,), kind="ragged", durable=durable)
+
+
+class _RaggedWriter:
+    """Appends samples to a ragged store (or the raw bytes of a strings store) in place.
+
+    Everything is written past the committed end first; then the lengths are committed in the
+    order data, shapes, flattened_shapes, ends, starts, so that len(starts) (the sample count)
+    moves last. A nested shapes store is written the same way, before its parent's counts.
+    Descriptors and the count stay cached between appends; ``sync`` (under the store's lock)
+    re-reads them when another writer has been at the store.
+    """
+
+    def __init__(self, store_dir, durable=False, raw=False):
+        self.store_dir, self.durable, self.raw = store_dir, durable, raw
+        self.n = None  # the count this writer last saw committed; None: read it again
+        self.columns = {}
+        self.nested = None
+        self.shapes_ino = None
+
+    def sync(self, n=None):
+        """Make the cached state match the disk; n: the parent's count for a nested store."""
+        d = self.store_dir
+        if n is None:
+            if "starts" not in self.columns:
+                n = _count(d)
+            else:  # one pread: has anyone else committed since?
+                n = _U64.unpack(os.pread(self._col("starts").shape_fd, 8, 0))[0]
+        shapes_dir = os.path.join(d, "shapes")
+        try:  # another writer converting shapes/ to a ragged store replaces the directory
+            ino = None if self.raw else os.stat(shapes_dir).st_ino
+        except FileNotFoundError:
+            ino = -1
+        if n != self.n or ino != self.shapes_ino:
+            self.close()
+            self.end = _last_end(d, n)
+            self.n = n
+            if not self.raw:
+                _repair_shapes(d)
+                self.dtype = _read_meta(d)[0]
+                self.shapes_ino = os.stat(shapes_dir).st_ino
+                if os.path.isdir(os.path.join(shapes_dir, "starts")):
+                    self.nested = _RaggedWriter(shapes_dir, self.durable)
+                    self.nested.sync(n)
+        return n
+
+    def _col(self, name):
+        column = self.columns.get(name)
+        if column is None:
+            if name == "data":
+                itemsize = 1 if self.raw else self.dtype.itemsize
+                column = _Column(self.store_dir, itemsize, raw=self.raw)
+            else:
+                column = _Column(os.path.join(self.store_dir, name))
+            if name == "starts":
+                column.shape_fd = _open_fd(column.shape_path, True)
+            self.columns[name] = column
+        return column
+
+    def append(self, payload, sizes, shapes):
+        """Append after the cached count (call sync first). payload: byte chunks; sizes: element
+        counts; shapes: tuples (None for a strings store). Returns the new count."""
+        n, start = self.n, self.end
+        offsets = np.cumsum(np.asarray([start] + list(sizes), dtype=np.int64))
+        data = self._col("data")
+        data.write(start, payload, int(offsets[-1] - start), self.durable)
+        data.commit(self.durable)
+        if not self.raw:
+            if self.nested is not None:
+                self.nested.append([np.asarray(s, np.int64) for s in shapes],
+                                   [len(s) for s in shapes], [(len(s),) for s in shapes])
+            else:
+                # a 0-d sample is recorded as length 0 with 1 element (the published layout)
+                self._column("shapes", n, np.asarray([s[0] if s else 0 for s in shapes], np.int64))
+            self._column("flattened_shapes", n, np.asarray(sizes, np.int64))
+        self._column("ends", n, offsets[1:])
+        self._column("starts", n, offsets[:-1])  # the commit point
+        self.n, self.end = n + len(sizes), int(offsets[-1])
+        return self.n
+
+    def _column(self, name, n, values):
+        column = self._col(name)
+        column.write(n, [values.astype("<i8")], len(values), self.durable)
+        column.commit(self.durable)
+
+    def close(self):
+        for column in self.columns.values():
+            column.close()
+        self.columns = {}
+        if self.nested is not None:
+            self.nested.close()
+            self.nested = None
+        self.n = None
+
+    def __del__(self):  # raw descriptors are not closed by the garbage collector
+        self.close()
+        lock_fd = getattr(self, "lock_fd", None)
+        if lock_fd is not None:
+            os.close(lock_fd)
+            self.lock_fd = None
+
+
+def _write_new_ragged(store_dir, arrays, durable=False):
+    """Fill a just-created empty ragged store with arrays."""
+    writer = _RaggedWriter(store_dir, durable)
+    try:
+        writer.sync()
+        writer.append([a.reshape(-1) for a in arrays if a.size], [a.size for a in arrays],
+                      [a.shape for a in arrays])
+    finally:
+        writer.close()
+
+
+def _convert_shapes_to_nested(store_dir, n, durable=False):
+    """A flat store receives a sample of 2+ dimensions: rebuild shapes/ as a ragged store.
+    Built completely under shapes.new, then swapped in by renames (readers fall back to
+    shapes.new in the instant between them)."""
+    join = os.path.join
+    old, new, trash = join(store_dir, "shapes"), join(store_dir, "shapes.new"), join(store_dir, "shapes.old")
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
+    lengths = _read_int64(join(old, "data.ninja"), n)
+    sizes = _read_int64(join(store_dir, "flattened_shapes", "data.ninja"), n)
+    shapes = [() if (length == 0 and size == 1) else (int(length),) for length, size in zip(lengths, sizes)]
+    _create_ragged(new, np.int64, nested=False, durable=durable)
+    _write_new_ragged(new, [np.asarray(s, np.int64) for s in shapes], durable)
+    os.rename(old, trash)
+    os.rename(new, old)
+    _write_atomic(join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0), durable)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _read_int64(path, n):
+    with open(path, "rb") as f:
+        raw = f.read(8 * n)
+    if len(raw) != 8 * n:
+        raise ValueError(f"{path} holds fewer than the {n} entries its store needs: damaged")
+    return np.frombuffer(raw, "<i8").tolist()
+
+
+def _repair_shapes(store_dir):
+    """Finish a conversion that a killed writer left half done (writers only)."""
+    join = os.path.join
+    shapes, new = join(store_dir, "shapes"), join(store_dir, "shapes.new")
+    if not os.path.isdir(shapes) and os.path.isdir(new):
+        os.rename(new, shapes)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(join(store_dir, "shapes.old"), ignore_errors=True)
+    nested = os.path.isdir(join(shapes, "starts"))
+    flag_path = join(store_dir, "shapes_are_flat.ninja")
+    if os.path.exists(flag_path) and _read_bytes(flag_path, "flatness flag") != _I32.pack(0 if nested else 1):
+        _write_atomic(flag_path, _I32.pack(0 if nested else 1))
+
+
+class _Sequence:
+    """What RaggedMmap and StringsMmap share: opening, snapshots, indexing forms, pickling by
+    path (reopened lazily in the receiving process), close() and ``with``."""
+
+    _kind = None
+
+    def __getattr__(self, name):
+        # Only reached for attributes not set yet: a store unpickled in another process maps its
+        # files on first use; a closed store says so.
+        state = self.__dict__
+        if not name.startswith("_") or name.startswith("__") or "out_dir" not in state or state.get("_loading"):
+            raise AttributeError(name)
+        if state.get("_closed"):
+            raise ValueError(f"{state['out_dir']}: the store is closed")
+        state["_loading"] = True
+        try:
+            self._load(state.get("_snapshot"))
+        finally:
+            state["_loading"] = False
+        return object.__getattribute__(self, name)
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k in self._config_keys}
+        state["_snapshot"] = self._n
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def _open_maps(self):
+        self.__dict__.setdefault("_maps", [])
+
+    def _release(self, keep_writer=False):
+        maps = self.__dict__.get("_maps", [])
+        writer = self.__dict__.get("_writer")
+        if writer is not None and not keep_writer:
+            writer.__del__()
+        for key in list(self.__dict__):
+            if key not in self._config_keys and key not in ("_closed", "_maps") and \
+                    not (keep_writer and key == "_writer"):
+                del self.__dict__[key]
+        for mm in maps:
+            try:
+                mm.close()
+            except BufferError:  # a sample the caller still holds views this map; GC closes it
+                pass
+        maps.clear()
+
+    def close(self):
+        """Release the maps. Samples already returned stay valid until dropped."""
+        self._release()
+        self.__dict__["_closed"] = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self):
+        return self._n
+
+    def __iter__(self):
+        get = self._get
+        for i in range(self._n):
+            yield get(i)
+
+    def __getitem__(self, item):
+        if type(item) is int:  # the hot path: one sample
+            n = self._n
+            if item < 0:
+                item += n
+            if not 0 <= item < n:
+                raise IndexError(f"{self.out_dir}: index {item} is out of range for {n} samples")
+            return self._get(item)
+        if _is_int(item):
+            return self[int(item)]
+        return self._get_many(_indices(item, self._n, self.out_dir))
+
+    def get_single(self, item):
+        return self[int(item)]
+
+    def get_multiple(self, item):
+        return self[item]
+
+    def _get_many(self, idx):
+        get = self._get
+        return [get(i) for i in idx.tolist()]
+
+    def __setitem__(self, key, value):
+        if _is_int(key):
+            keys, values = [self._norm_index(int(key))], [value]
+        else:
+            keys = _indices(key, self._n, self.out_dir).tolist()
+            values = list(value)
+            if len(values) != len(keys):
+                raise ValueError(f"{self.out_dir}: {len(values)} values for {len(keys)} samples")
+        writes = [self._encode_replacement(i, v) for i, v in zip(keys, values)]  # all checked first
+        fd = _open_fd(os.path.join(self.out_dir, "data.ninja"), True)
+        try:
+            for offset, chunk in writes:
+                os.lseek(fd, offset, os.SEEK_SET)
+                os.write(fd, chunk)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the store's write lock (creating the store if the directory has none) and yield
+        its writer, synced with whatever other writers committed."""
+        d = self.out_dir
+        writer = self.__dict__.get("_writer")
+        if writer is None:
+            os.makedirs(d, exist_ok=True)
+            writer = _RaggedWriter(d, self.durable, raw=self._kind == "string")
+            writer.lock_fd = os.open(d, os.O_RDONLY)
+            self.__dict__["_writer"] = writer
+        locked = False
+        if fcntl is not None:
+            try:
+                fcntl.flock(writer.lock_fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError:  # a file system without flock: carry on unlocked
+                pass
+        try:
+            if not os.path.exists(os.path.join(d, "type.ninja")):
+                # placeholder dtype: an empty store takes its first samples' dtype
+                _create_ragged(d, np.float64, False, raw=writer.raw, durable=self.durable)
+            writer.sync()
+            yield writer
+        except BaseException:
+            writer.close()  # whatever happened, re-read the disk next time
+            raise
+        finally:
+            if locked:
+                fcntl.flock(writer.lock_fd, fcntl.LOCK_UN)
+
+    def _norm_index(self, i):
+        n = self._n
+        if not -n <= i < n:
+            raise IndexError(f"{self.out_dir}: index {i} is out of range for {n} samples")
+        return i + n if i < 0 else i
+
+    def flush(self):
+        """fsync every file of the store: committed samples then survive power loss."""
+        for root, _, files in os.walk(self.out_dir):
+            for name in files:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def _ensure_mapped(self, n_needed):
+        if n_needed > self._mapped:
+            n = self._n
+            self._release(keep_writer=True)
+            self._load(n)
+
+    def _index(self, store_dir, n):
+        """Map the first n entries of an int64 index store (starts, ends, shapes)."""
+        _, shape, _ = _read_meta(store_dir)
+        if not shape or shape[0] < n:
+            raise ValueError(f"{store_dir} records {shape[0] if shape else 0} entries but the "
+                             f"store has {n} samples: the store is damaged")
+        mm = _map(os.path.join(store_dir, "data.ninja"), 8 * n, what="index")
+        if mm is not None:
+            self._maps.append(mm)
+        return _int64_view(mm, n)
+
+
+class RaggedMmap(_Sequence):
+    """A sequence of numpy arrays of different shapes (one dtype), memory-mapped from ``out_dir``.
+
+    ``ragged[i]`` is sample i (an ndarray view; a 0-d array for a scalar sample); a slice, a
+    list/array of ints or a boolean mask gives a list. ``wrapper_fn`` is applied to each sample
+    (to a copy unless ``copy_before_wrapper_fn=False``). ``mode`` "r" gives read-only views, "r+"
+    writable ones. An object is a snapshot: its length changes only through its own appends.
+    A directory holding no store opens as an empty one that ``append``/``extend`` fill.
+    """
+
+    _config_keys = ("out_dir", "wrapper_fn", "mode", "copy_before_wrapper_fn", "durable")
+    _kind = "ragged"
+
+    def __init__(self, out_dir, wrapper_fn=None, mode="r", copy_before_wrapper_fn=True, durable=False):
+        if mode not in ("r", "r+", "c"):
+            raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
+        self.out_dir = os.fspath(out_dir)
+        self.wrapper_fn = wrapper_fn
+        self.mode = mode
+        self.copy_before_wrapper_fn = copy_before_wrapper_fn
+        self.durable = durable
+        self._load(None)
+
+    def _load(self, snapshot):
+        """Map the first `snapshot` samples (all committed ones when None); O(1) in the count."""
+        d, join = self.out_dir, os.path.join
+        self._maps = []
+        if not os.path.exists(join(d, "type.ninja")):
+            if os.path.exists(join(d, "starts")):
+                raise FileNotFoundError(f"{d}: type.ninja is missing but starts/ exists: the "
+                                        f"store is damaged")
+            self._empty()
+            return
+        kind = _read_kind(d)
+        if kind != "ragged":
+            raise ValueError(f"{d} is a {kind} store, not a ragged store; open it with "
+                             f"mmap_ninja.open_existing")
+        # Read in the reverse of the commit order: the count first, then what it vouches for
+        # (a writer committing meanwhile only makes the later files longer).
+        n = _count(d)
+        if snapshot is not None:
+            n = min(n, snapshot)
+        self._starts = self._index(join(d, "starts"), n)
+        self._ends = self._index(join(d, "ends"), n)
+        end = self._ends[n - 1] if n else 0
+        dtype, data_shape, _ = _read_meta(d)
+        if data_shape[0] < end:
+            raise ValueError(f"{d}: sample {n - 1} ends at element {end} but the data holds "
+                             f"{data_shape[0]}: the store is damaged")
+        access = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}[self.mode]
+        mm = _map(join(d, "data.ninja"), end * dtype.itemsize, access)
+        self._maps.append(mm)
+        # through a memoryview, so mmap.close() refuses (BufferError) while any sample is alive;
+        # an ndarray made directly on the map would not stop it, and reading would crash
+        self._data = np.frombuffer(memoryview(mm), dtype, end) if mm is not None else np.zeros(0, dtype)
+        if access == mmap.ACCESS_READ or mm is None:
+            self._data.flags.writeable = access != mmap.ACCESS_READ
+        self._dtype = dtype
+        shapes = _shapes_dir(d)
+        self._nested = os.path.isdir(join(shapes, "starts"))
+        if self._nested:
+            self._shape_starts = self._index(join(shapes, "starts"), n)
+            self._shape_ends = self._index(join(shapes, "ends"), n)
+            total = self._shape_ends[n - 1] if n else 0
+            self._shape_data = self._index(shapes, total)
+        else:
+            self._flat_shapes = self._index(shapes, n)
+        self._n = self._mapped = n
+
+    def _empty(self):
+        self._dtype = None
+        self._data = np.zeros(0)
+        self._starts = self._ends = self._flat_shapes = _int64_view(None, 0)
+        self._nested = False
+        self._n = self._mapped = 0
+
+    def _get(self, i):
+        if i >= self._mapped:  # samples this object appended since it mapped its files
+            self._ensure_mapped(i + 1)
+        start, end = self._starts[i], self._ends[i]
+        if self._nested:
+            sample = self._data[start:end].reshape(tuple(self._shape_data[self._shape_starts[i]:self._shape_ends[i]]))
+        elif end - start == 1 and self._flat_shapes[i] == 0:
+            sample = self._data[start:end].reshape(())  # a 0-d sample
+        else:
+            sample = self._data[start:end]
+        if self.wrapper_fn is None:
+            return sample
+        return self.wrapper_fn(sample.copy() if self.copy_before_wrapper_fn else sample)
+
+    def _get_many(self, idx):
+        if len(idx) and int(idx.max()) >= self._mapped:
+            self._ensure_mapped(int(idx.max()) + 1)
+        if self._nested or self.wrapper_fn is not None or self._n == 0:
+            return super()._get_many(idx)
+        starts = np.asarray(self._starts)[idx].tolist()
+        ends = np.asarray(self._ends)[idx].tolist()
+        data = self._data
+        out = [data[s:e] for s, e in zip(starts, ends)]
+        for k, (s, e) in enumerate(zip(starts, ends)):
+            if e - s == 1 and self._flat_shapes[int(idx[k])] == 0:
+                out[k] = out[k].reshape(())
+        return out
+
+    def shape_of(self, i):
+        """The shape of sample i, without touching its data."""
+        i = self._norm_index(int(i))
+        self._ensure_mapped(i + 1)
+        if self._nested:
+            return tuple(self._shape_data[self._shape_starts[i]:self._shape_ends[i]])
+        length = self._ends[i] - self._starts[i]
+        return () if length == 1 and self._flat_shapes[i] == 0 else (length,)
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    def get_padded(self, indices, pad_value=0):
+        """Samples ``indices`` as one array padded to the largest shape, plus their true shapes.
+
+        Returns ``(batch, shapes)``: ``batch`` has shape ``(len(indices), *max_shape)`` and is a
+        new writable array; ``shapes`` is an int64 array ``(len(indices), ndim)``. All samples
+        must have the same number of dimensions. Samples are read in sorted order (sequential
+        on disk); 1-D samples are gathered in one vectorized pass. Meant for a DataLoader
+        ``collate_fn`` or a batch sampler.
+        """
+        idx = _indices(indices, self._n, self.out_dir)
+        if len(idx):
+            self._ensure_mapped(int(idx.max()) + 1)
+        shapes = [self.shape_of(i) for i in idx.tolist()]
+        if len({len(s) for s in shapes}) > 1:
+            raise ValueError(f"{self.out_dir}: get_padded needs samples of one number of "
+                             f"dimensions, got shapes {sorted(set(shapes))[:4]}")
+        ndim = len(shapes[0]) if shapes else 1
+        shapes = np.asarray(shapes, np.int64).reshape(len(idx), ndim)
+        max_shape = tuple(shapes.max(axis=0).tolist()) if len(idx) else (0,) * ndim
+        batch = np.full((len(idx),) + max_shape, pad_value, dtype=self._dtype or np.float64)
+        order = np.argsort(idx, kind="stable")
+        starts = np.asarray(self._starts)[idx]
+        if ndim == 1:
+            lengths = shapes[:, 0]
+            width = max_shape[0]
+            mask = np.arange(width)[None, :] < lengths[:, None]
+            positions = (starts[:, None] + np.arange(width)[None, :])[mask]
+            batch[mask] = self._data[positions]
+        else:
+            for k in order.tolist():
+                s = int(starts[k])
+                shape = tuple(shapes[k].tolist())
+                size = int(np.prod(shape))
+                batch[(k,) + tuple(slice(0, a) for a in shape)] = self._data[s:s + size].reshape(shape)
+        return batch, shapes
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def append(self, sample):
+        """Append one sample (crash-safe; O(size of the sample), whatever the store's length)."""
+        self.extend([sample])
+
+    def extend(self, samples):
+        """Append samples. Every sample is checked before anything is written, so refused input
+        leaves the store as it was."""
+        d = self.out_dir
+        arrays = [_as_sample(s, d) for s in samples]
+        if not arrays:
+            return
+        with self._writing() as writer:
+            dtype = self._prepare(writer, arrays)
+            arrays = [np.require(_as_sample(a, d, dtype), requirements="C") for a in arrays]
+            self._n = writer.append([a.reshape(-1) for a in arrays if a.size],
+                                    [a.size for a in arrays], [a.shape for a in arrays])
+
+    def _prepare(self, writer, arrays):
+        """Create or adapt the store's metadata for arrays (all cast-checked); returns the dtype."""
+        d, join = self.out_dir, os.path.join
+        needs_nested = any(a.ndim > 1 for a in arrays)
+        # an empty store has no real dtype yet: its first samples choose it
+        dtypes = {a.dtype for a in arrays}  # result_type would drop a byte order: keep a lone dtype
+        first_dtype = dtypes.pop() if len(dtypes) == 1 else np.result_type(*dtypes)
+        if writer.n == 0 and writer.dtype != first_dtype:
+            _write_atomic(join(d, "dtype.ninja"), _dtype_to_text(first_dtype, d).encode(), self.durable)
+            writer.close()
+            writer.sync()
+        for a in arrays:
+            _as_sample(a, d, writer.dtype)  # refuse the whole batch before writing
+        if needs_nested and writer.nested is None:
+            _convert_shapes_to_nested(d, writer.n, self.durable)
+            writer.close()
+            writer.sync()
+        self._dtype = writer.dtype
+        return writer.dtype
+
+    def _encode_replacement(self, i, value):
+        arr = _as_sample(value, self.out_dir, self._dtype)
+        self._ensure_mapped(i + 1)
+        start, end = self._starts[i], self._ends[i]
+        if arr.size != end - start:
+            raise ValueError(f"{self.out_dir}: sample {i} has {end - start} elements; a "
+                             f"replacement must have as many, got shape {arr.shape}")
+        return start * self._dtype.itemsize, np.ascontiguousarray(arr).tobytes()
+
+    # ---- constructors ---------------------------------------------------------------------
+
+    @classmethod
+    def from_lists(cls, out_dir, lists, dtype=None, mode="r+", wrapper_fn=None, **kwargs):
+        """Write a list of arrays (any shapes) as a ragged store and open it."""
+        arrays = [_as_sample(x if dtype is None else np.asarray(x, dtype=dtype), out_dir) for x in lists]
+        return cls._from_batches(out_dir, [arrays] if arrays else [], mode=mode,
+                                 wrapper_fn=wrapper_fn, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_generator(cls, out_dir, sample_generator, batch_size, verbose=False, **kwargs):
+        """Write a generator's samples as a ragged store, committing every ``batch_size``
+        samples; memory holds at most one batch."""
+        batch_size = _check_batch_size(batch_size)
+        samples = _progress(sample_generator, desc="ragged", verbose=verbose)
+        return cls._from_batches(out_dir, _batched(samples, batch_size), **kwargs)
+
+    @classmethod
+    def from_indexable(cls, out_dir, indexable, batch_size, n_jobs=None, verbose=False, **kwargs):
+        """Write ``indexable[0], indexable[1], ...`` (or ``indexable(i)``) as a ragged store.
+        Stops at ``len(indexable)`` or the first IndexError. ``n_jobs`` threads fetch each batch
+        in order; memory holds one batch."""
+        batch_size = _check_batch_size(batch_size)
+        total = len(indexable) if hasattr(indexable, "__len__") else None
+        samples = (s for batch in _indexable_batches(indexable, batch_size, n_jobs) for s in batch)
+        samples = _progress(samples, total=total, desc="ragged", verbose=verbose)
+        return cls._from_batches(out_dir, _batched(samples, batch_size), **kwargs)
+
+    @classmethod
+    def _from_batches(cls, out_dir, batches, mode="r+", wrapper_fn=None, dtype=None,
+                      copy_before_wrapper_fn=True, durable=False):
+        out_dir = os.fspath(out_dir)
+        _clear_store(out_dir)
+        with cls(out_dir, durable=durable) as writer:
+            for batch in batches:
+                if dtype is not None:
+                    batch = [np.asarray(s, dtype=dtype) for s in batch]
+                writer.extend(batch)
+        if not os.path.exists(os.path.join(out_dir, "type.ninja")):
+            _create_ragged(out_dir, np.dtype(dtype or np.float64), nested=False, durable=durable)
+        return cls(out_dir, wrapper_fn=wrapper_fn, mode=mode,
+                   copy_before_wrapper_fn=copy_before_wrapper_fn, durable=durable)
+
+    def __repr__(self):
+        return f"RaggedMmap({self.out_dir!r}, {len(self)} samples, dtype={self._dtype})"
+
+
+def _clear_store(out_dir):
+    """Creating a store over an old one: remove the old store's files (never foreign files)."""
+    join = os.path.join
+    if not os.path.exists(join(out_dir, "type.ninja")):
+        return
+    for name in ("type.ninja", "starts", "ends", "shapes", "shapes.new", "shapes.old",
+                 "flattened_shapes", "shapes_are_flat.ninja", "zstd_level.ninja",
+                 "zstd_dict.ninja", "dtype.ninja", "shape.ninja", "order.ninja", "data.ninja"):
+        path = join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _batched(iterable, batch_size):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _indexable_batches(indexable, batch_size, n_jobs):
+    """Batches of indexable[i] in order, until len() or the first IndexError; with n_jobs > 1 a
+    thread pool fetches each batch (memory: one batch)."""
+    fetch = indexable.__getitem__ if hasattr(indexable, "__getitem__") else indexable
+    total = len(indexable) if hasattr(indexable, "__len__") else None
+    pool = ThreadPoolExecutor(n_jobs) if n_jobs and n_jobs > 1 else None
+    try:
+        start = 0
+        while total is None or start < total:
+            stop = start + batch_size if total is None else min(start + batch_size, total)
+            results = pool.map(fetch, range(start, stop)) if pool else map(fetch, range(start, stop))
+            batch = []
+            try:
+                for sample in results:  # in index order, even with threads
+                    batch.append(sample)
+            except IndexError:
+                if batch:
+                    yield batch
+                return
+            yield batch
+            start = stop
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+###################################################################################################
+# string: StringsMmap, a sequence of str
+###################################################################################################
+
+def _zstd_module():
+    """(compress, decompress, train) from the standard library's compression.zstd (3.14+) or
+    the zstandard package. Gate: drop the zstandard branch when Python 3.14 is the minimum."""
+    try:
+        from compression import zstd as std_zstd
+    except ImportError:
+        std_zstd = None
+    if std_zstd is not None:
+        def compress(data, level, dictionary):
+            zd = std_zstd.ZstdDict(dictionary) if dictionary else None
+            return std_zstd.compress(data, level=level, zstd_dict=zd)
+
+        def decompress(data, dictionary):
+            zd = std_zstd.ZstdDict(dictionary) if dictionary else None
+            return std_zstd.decompress(data, zstd_dict=zd)
+
+        def train(samples, size):
+            return std_zstd.train_dict(samples, size).dict_content
+        return compress, decompress, train
+    try:
+        import zstandard
+    except ImportError:
+        return None
+
+    def compress(data, level, dictionary):
+        zd = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
+        return zstandard.ZstdCompressor(level=level, dict_data=zd).compress(data)
+
+    def decompress(data, dictionary):
+        zd = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
+        return zstandard.ZstdDecompressor(dict_data=zd).decompress(data)
+
+    def train(samples, size):
+        return zstandard.train_dictionary(size, samples).as_bytes()
+    return compress, decompress, train
+
+
+def _require_zstd(path):
+    module = _zstd_module()
+    if module is None:
+        raise ModuleNotFoundError(
+            f"{path} is zstd-compressed: reading or writing it needs Python 3.14+ "
+            f"(compression.zstd) or the zstandard package (pip install zstandard)")
+    return module
+
+
+class StringsMmap(_Sequence):
+    """A sequence of ``str`` memory-mapped from ``out_dir``; ``strings[i]`` is a ``str``, a slice
+    or list of indices gives a list. Reading never needs write permission (``mode`` is kept
+    for compatibility). Stores compressed by 0.9.0 (zstd) are read and extended."""
+
+    _config_keys = ("out_dir", "mode", "durable")
+    _kind = "string"
+
+    def __init__(self, out_dir, mode="r+b", durable=False):
+        self.out_dir = os.fspath(out_dir)
+        self.mode = mode
+        self.durable = durable
+        self._load(None)
+
+    def _load(self, snapshot):
+        d, join = self.out_dir, os.path.join
+        self._maps = []
+        self._zstd = None
+        if not os.path.exists(join(d, "type.ninja")):
+            self._n = self._mapped = 0
+            self._starts = self._ends = _int64_view(None, 0)
+            self._buf = b""
+            return
+        kind = _read_kind(d)
+        if kind != "string":
+            raise ValueError(f"{d} is a {kind} store, not a strings store; open it with "
+                             f"mmap_ninja.open_existing")
+        n = _count(d)
+        if snapshot is not None:
+            n = min(n, snapshot)
+        self._starts = self._index(join(d, "starts"), n)
+        self._ends = self._index(join(d, "ends"), n)
+        end = self._ends[n - 1] if n else 0
+        mm = _map(join(d, "data.ninja"), end, what="strings data")
+        self._buf = mm if mm is not None else b""
+        if mm is not None:
+            self._maps.append(mm)
+        level_path = join(d, "zstd_level.ninja")
+        if os.path.exists(level_path):
+            _require_zstd(d)  # say so at open, not at the first read
+            level = _read_text(level_path, "zstd level")
+            dict_path = join(d, "zstd_dict.ninja")
+            dictionary = _read_bytes(dict_path, "zstd dictionary") if os.path.exists(dict_path) else None
+            self._zstd = (int(level), dictionary)
+        self._n = self._mapped = n
+
+    def _get(self, i):
+        if i >= self._mapped:
+            self._ensure_mapped(i + 1)
+        raw = self._buf[self._starts[i]:self._ends[i]]
+        if self._zstd is not None:
+            raw = _require_zstd(self.out_dir)[1](raw, self._zstd[1])
+        return raw.decode("utf-8")
+
+    def _get_many(self, idx):
+        if len(idx) and int(idx.max()) >= self._mapped:
+            self._ensure_mapped(int(idx.max()) + 1)
+        return super()._get_many(idx)
+
+    def append(self, string):
+        """Append one string (crash-safe; O(len(string)))."""
+        self.extend([string])
+
+    def extend(self, list_of_strings, verbose=False):
+        """Append strings; a non-str item refuses the whole call before anything is written."""
+        d = self.out_dir
+        strings = list(list_of_strings)
+        for s in strings:
+            if not isinstance(s, str):
+                raise TypeError(f"{d}: StringsMmap holds str only, got {type(s).__name__} "
+                                f"{_short(s)}; decode bytes or convert with str() first")
+        if not strings:
+            return
+        encoded = [s.encode("utf-8") for s in _progress(strings, desc="strings", verbose=verbose)]
+        with self._writing() as writer:
+            if self._zstd is not None:
+                compress = _require_zstd(d)[0]
+                encoded = [compress(b, self._zstd[0], self._zstd[1]) for b in encoded]
+            self._n = writer.append([b for b in encoded if b], [len(b) for b in encoded], None)
+
+    def _encode_replacement(self, i, value):
+        if not isinstance(value, str):
+            raise TypeError(f"{self.out_dir}: StringsMmap holds str only, got {type(value).__name__}")
+        if self._zstd is not None:
+            raise ValueError(f"{self.out_dir}: strings of a zstd-compressed store cannot be "
+                             f"replaced in place")
+        raw = value.encode("utf-8")
+        self._ensure_mapped(i + 1)
+        start, end = self._starts[i], self._ends[i]
+        if len(raw) != end - start:
+            raise ValueError(f"{self.out_dir}: string {i} is {end - start} UTF-8 bytes; a "
+                             f"replacement must be as long, got {len(raw)} bytes")
+        return start, raw
+
+    @classmethod
+    def from_strings(cls, out_dir, strings, mode="r+b", verbose=False, zstd_level=None,
+                     zstd_train_dictionary_size=None, batch_size=None, durable=False, **kwargs):
+        """Write strings as a strings store. ``zstd_level`` compresses each string (0.9.0
+        layout); ``zstd_train_dictionary_size`` first trains a dictionary of that many bytes on
+        the strings (which are then held in memory)."""
+        out_dir = os.fspath(out_dir)
+        _clear_store(out_dir)
+        if zstd_train_dictionary_size is not None and zstd_level is None:
+            zstd_level = 3
+        dictionary = None
+        if zstd_level is not None:
+            compress, _, train = _require_zstd(out_dir)
+            if zstd_train_dictionary_size:
+                strings = list(strings)
+                for s in strings:
+                    if not isinstance(s, str):
+                        raise TypeError(f"{out_dir}: StringsMmap holds str only, got "
+                                        f"{type(s).__name__} {_short(s)}")
+                dictionary = train([s.encode("utf-8") for s in strings], int(zstd_train_dictionary_size))
+        _create_ragged(out_dir, None, False, raw=True,
+                       zstd=None if zstd_level is None else (int(zstd_level), dictionary), durable=durable)
+        with cls(out_dir, durable=durable) as writer:
+            for batch in _batched(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536):
+                writer.extend(batch)
+        return cls(out_dir, mode=mode, durable=durable)
+
+    @classmethod
+    def from_generator(cls, out_dir, sample_generator, batch_size, verbose=False, **kwargs):
+        """Write a generator of strings, committing every ``batch_size`` strings."""
+        batch_size = _check_batch_size(batch_size)
+        return cls.from_strings(out_dir, sample_generator, verbose=verbose, batch_size=batch_size, **kwargs)
+
+    def __repr__(self):
+        return f"StringsMmap({self.out_dir!r}, {len(self)} strings)"
+
+
+###################################################################################################
+# generic: open_existing, ShardedMmap
+###################################################################################################
+
+def open_existing(out_dir, wrapper_fn=None):
+    """Open the store in ``out_dir``, whichever kind its type.ninja says it is."""
+    out_dir = os.fspath(out_dir)
+    kind = _read_kind(out_dir)
+    if kind == "numpy":
+        arr = np_open_existing(out_dir)
+        return Wrapped(arr, wrapper_fn) if wrapper_fn is not None else arr
+    if kind == "ragged":
+        return RaggedMmap(out_dir, wrapper_fn=wrapper_fn)
+    strings = StringsMmap(out_dir)
+    return Wrapped(strings, wrapper_fn, copy_before_wrapper_fn=False) if wrapper_fn is not None else strings
+
+
+class ShardedMmap:
+    """Several stores (one per worker or node, say) read as one sequence, without copying.
+
+    ``ShardedMmap(["shard-0", "shard-1"])`` or ``ShardedMmap("parent_dir")`` (its store
+    subdirectories in sorted order). Supports len, int/slice/list indexing and iteration, and
+    pickles as its paths.
+    """
+
+    def __init__(self, shards, wrapper_fn=None):
+        if isinstance(shards, (str, os.PathLike)):
+            parent = os.fspath(shards)
+            shards = sorted(os.path.join(parent, name) for name in os.listdir(parent)
+                            if os.path.exists(os.path.join(parent, name, "type.ninja")))
+            if not shards:
+                raise FileNotFoundError(f"{parent} holds no mmap_ninja store subdirectories")
+        self.paths = [os.fspath(p) for p in shards]
+        self.wrapper_fn = wrapper_fn
+        self.shards = [open_existing(p, wrapper_fn) for p in self.paths]
+        self._bounds = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
+
+    def __reduce__(self):
+        return (ShardedMmap, (self.paths, self.wrapper_fn))
+
+    def __len__(self):
+        return self._bounds[-1]
+
+    def __getitem__(self, item):
+        if _is_int(item):
+            i = int(item)
+            n = self._bounds[-1]
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of range for {n} samples in {len(self.paths)} shards")
+            if i < 0:
+                i += n
+            k = bisect.bisect_right(self._bounds, i) - 1
+            return self.shards[k][i - self._bounds[k]]
+        return [self[i] for i in _indices(item, len(self), "ShardedMmap").tolist()]
+
+    def __iter__(self):
+        for shard in self.shards:
+            for i in range(len(shard)):
+                yield shard[i]
+
+    def __repr__(self):
+        return f"ShardedMmap({len(self.paths)} shards, {len(self)} samples)"
+
+
+###################################################################################################
+# Command line: python -m mmap_ninja info|verify|from-npy|from-lines
+###################################################################################################
+
+def _store_report(path):
+    """(kind, lines of a human-readable summary) for the info command."""
+    kind = _read_kind(path)
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    lines = [f"path:     {os.path.abspath(path)}", f"kind:     {kind}"]
+    if kind == "numpy":
+        dtype, shape, order = _read_meta(path)
+        lines += [f"samples:  {shape[0] if shape else 1}", f"dtype:    {dtype}",
+                  f"shape:    {shape}", f"order:    {order}"]
+    elif kind == "ragged":
+        store = RaggedMmap(path)
+        lines += [f"samples:  {len(store)}", f"dtype:    {store.dtype}"]
+        shapes = [store.shape_of(i) for i in range(len(store))]
+        ndims = sorted({len(s) for s in shapes})
+        lines.append(f"ndim:     {', '.join(map(str, ndims)) or '-'}")
+        for nd in ndims:
+            arr = np.asarray([s for s in shapes if len(s) == nd], np.int64).reshape(-1, nd)
+            for axis in range(nd):
+                lines.append(f"  {nd}-D axis {axis}: min {arr[:, axis].min()}, max {arr[:, axis].max()}")
+        store.close()
+    else:
+        join = os.path.join
+        lines.append(f"samples:  {_count(path)}")
+        level = join(path, "zstd_level.ninja")
+        compression = f"zstd level {_read_text(level, 'zstd level')}" if os.path.exists(level) else "none"
+        if os.path.exists(join(path, "zstd_dict.ninja")):
+            compression += " with dictionary"
+        lines.append(f"compression: {compression}")
+    lines.append(f"bytes on disk: {size}")
+    return kind, lines
+
+
+def _verify(path):
+    """Every invariant of the format; returns a list of problems (empty when sound)."""
+    problems = []
+    join = os.path.join
+    try:
+        kind = _read_kind(path)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    try:
+        if kind == "numpy":
+            dtype, shape, _ = _read_meta(path)
+            need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            have = os.path.getsize(join(path, "data.ninja"))
+            if have < need:
+                problems.append(f"{path}/data.ninja holds {have} bytes, metadata needs {need}")
+            return problems
+        n = _count(path)
+        starts = np.asarray(_read_int64(join(path, "starts", "data.ninja"), n))
+        ends = np.asarray(_read_int64(join(path, "ends", "data.ninja"), n))
+        for name in ("starts", "ends"):
+            if _read_meta(join(path, name))[0] != np.int64:
+                problems.append(f"{path}/{name} is not int64")
+        if (ends < starts).any():
+            problems.append(f"sample {int(np.argmax(ends < starts))}: ends before it starts")
+        if n > 1 and (starts[1:] < ends[:-1]).any():
+            problems.append(f"sample {int(np.argmax(starts[1:] < ends[:-1])) + 1} overlaps the previous one")
+        if kind == "ragged":
+            total = _read_meta(path)[1][0]
+        else:
+            total = os.path.getsize(join(path, "data.ninja"))
+        if n and ends.max() > total:
+            problems.append(f"offsets reach element {int(ends.max())} but the data holds {total}")
+        if kind == "ragged":
+            dtype = _read_meta(path)[0]
+            have = os.path.getsize(join(path, "data.ninja"))
+            if have < total * dtype.itemsize:
+                problems.append(f"{path}/data.ninja holds {have} bytes, metadata needs {total * dtype.itemsize}")
+            sizes = np.asarray(_read_int64(join(path, "flattened_shapes", "data.ninja"), n))
+            if (sizes != ends - starts).any():
+                problems.append(f"sample {int(np.argmax(sizes != ends - starts))}: flattened_shapes "
+                                f"disagrees with ends - starts")
+            store = RaggedMmap(path)
+            for i in range(n):
+                shape = store.shape_of(i)
+                if int(np.prod(shape)) != sizes[i]:
+                    problems.append(f"sample {i}: shape {shape} does not hold {sizes[i]} elements")
+                    break
+            flag = _read_bytes(join(path, "shapes_are_flat.ninja"), "flatness flag")
+            if flag != _I32.pack(0 if store._nested else 1):
+                problems.append(f"shapes_are_flat.ninja says {flag!r} but shapes/ is "
+                                f"{'ragged' if store._nested else 'flat'}")
+            store.close()
+        elif not os.path.exists(join(path, "zstd_level.ninja")) or _zstd_module() is not None:
+            store = StringsMmap(path)
+            for i in range(n):
+                try:
+                    store[i]
+                except (UnicodeDecodeError, ValueError) as e:  # zstd errors are ValueErrors too
+                    problems.append(f"string {i} cannot be decoded: {e}")
+                    break
+            store.close()
+    except (OSError, ValueError) as e:
+        problems.append(str(e))
+    return problems
+
+
+def main(argv=None):
+    """The command line: ``python -m mmap_ninja --help``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mmap_ninja",
+        description="Inspect, check and create mmap_ninja stores.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="kind, samples, dtype, shape statistics and size of a store")
+    p.add_argument("path")
+    p = sub.add_parser("verify", help="check every invariant of the on-disk format; exit 1 if unsound")
+    p.add_argument("path")
+    p = sub.add_parser("from-npy", help="convert a .npy file into a numpy store (memory-mapped, no full load)")
+    p.add_argument("npy_file")
+    p.add_argument("out_dir")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p = sub.add_parser("from-lines", help="convert a UTF-8 text file, one string per line, into a strings store")
+    p.add_argument("text_file")
+    p.add_argument("out_dir")
+    p.add_argument("--batch-size", type=int, default=4096)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            print("\n".join(_store_report(args.path)[1]))
+        elif args.command == "verify":
+            problems = _verify(args.path)
+            if problems:
+                print(f"{args.path}: UNSOUND")
+                for problem in problems:
+                    print(f"  - {problem}")
+                return 1
+            print(f"{args.path}: ok")
+        elif args.command == "from-npy":
+            source = np.load(args.npy_file, mmap_mode="r")  # never loads the whole file
+            batch = _check_batch_size(args.batch_size)
+            np_from_ndarray(args.out_dir, np.ascontiguousarray(source[:batch] if source.ndim else source))
+            if source.ndim:
+                blocks = range(batch, len(source), batch)
+                for b in _progress(blocks, total=len(blocks), desc="from-npy", verbose=True):
+                    np_extend_dir(args.out_dir, source[b:b + batch])
+            print(f"wrote {args.out_dir}")
+        else:
+            with open(args.text_file, encoding="utf-8") as f:
+                lines = (line.rstrip("\n") for line in f)
+                StringsMmap.from_generator(args.out_dir, lines, args.batch_size, verbose=True)
+            print(f"wrote {args.out_dir}")
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+###################################################################################################
+# Import shims: the published package's submodules, served from this one file
+###################################################################################################
+
+def _register_shims():
+    """Make ``import mmap_ninja.numpy`` and friends work. Keyed on __name__, so a vendored copy
+    (``myproj._vendor.mmap_ninja``) registers its own names; safe to run twice (reload)."""
+    this = sys.modules.get(__name__)
+    shims = {
+        "base": {"Wrapped": Wrapped},
+        "numpy": {"from_ndarray": np_from_ndarray, "from_generator": np_from_generator,
+                  "open_existing": np_open_existing, "extend": np_extend,
+                  "extend_dir": np_extend_dir, "append": np_append, "empty": np_empty},
+        "ragged": {"RaggedMmap": RaggedMmap},
+        "string": {"StringsMmap": StringsMmap},
+        "generic": {"open_existing": open_existing, "ShardedMmap": ShardedMmap},
+    }
+    for short, names in shims.items():
+        full = f"{__name__}.{short}"
+        module = sys.modules.get(full)
+        if not isinstance(module, types.ModuleType) or getattr(module, "__mmap_ninja_shim__", None) is None:
+            module = types.ModuleType(full, f"mmap_ninja.{short}, served by {__file__}")
+            module.__mmap_ninja_shim__ = True
+        module.__dict__.update(names)
+        sys.modules[full] = module
+        if this is not None:
+            setattr(this, short, module)
+
+
+_register_shims()
+
+if __name__ == "__main__":
+    sys.exit(main())

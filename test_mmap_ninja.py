@@ -1,0 +1,1062 @@
+"""Tests for mmap_ninja.py. Needs only numpy and pytest: python -m pytest -q"""
+import json
+import os
+import pathlib
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import mmap_ninja
+from mmap_ninja import RaggedMmap, ShardedMmap, StringsMmap, Wrapped, open_existing
+from mmap_ninja import numpy as np_ninja
+
+HERE = pathlib.Path(__file__).resolve().parent
+LEGACY = HERE / "testdata" / "legacy-stores"
+HAS_ZSTD = mmap_ninja._zstd_module() is not None
+needs_zstd = pytest.mark.skipif(not HAS_ZSTD, reason="no zstd module (Python 3.14+ or zstandard)")
+linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+
+
+def run_python(code, cwd=HERE, env=None, **kwargs):
+    full_env = dict(os.environ, PYTHONPATH=str(HERE))
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def snapshot(path):
+    """Every file under path with its bytes: a refused write must leave this unchanged."""
+    path = pathlib.Path(path)
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_same_samples(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        e = np.asarray(e)
+        assert isinstance(a, np.ndarray)
+        assert a.dtype == e.dtype and a.shape == e.shape
+        np.testing.assert_array_equal(a, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import paths
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("statement, check", [
+    ("import mmap_ninja.numpy", "mmap_ninja.numpy.from_ndarray is mmap_ninja.np_from_ndarray"),
+    ("from mmap_ninja import numpy as np_ninja", "np_ninja.open_existing is mmap_ninja.np_open_existing"),
+    ("from mmap_ninja.numpy import from_ndarray", "from_ndarray is mmap_ninja.np_from_ndarray"),
+    ("from mmap_ninja.ragged import RaggedMmap", "RaggedMmap is mmap_ninja.RaggedMmap"),
+    ("from mmap_ninja.string import StringsMmap", "StringsMmap is mmap_ninja.StringsMmap"),
+    ("from mmap_ninja.base import Wrapped", "Wrapped is mmap_ninja.Wrapped"),
+    ("from mmap_ninja.generic import open_existing", "open_existing is mmap_ninja.open_existing"),
+    ("from mmap_ninja import RaggedMmap, StringsMmap, Wrapped, open_existing",
+     "RaggedMmap.__module__ == 'mmap_ninja' and open_existing.__name__ == 'open_existing'"),
+])
+def test_import_paths_work_as_first_import(statement, check):
+    result = run_python(f"{statement}\nimport mmap_ninja\nassert {check}\nprint('ok')")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_star_import_keeps_users_numpy():
+    result = run_python("""
+        import numpy
+        from mmap_ninja import *
+        assert numpy.__name__ == 'numpy', numpy
+        assert RaggedMmap and np_from_ndarray and open_existing
+        print('ok')""")
+    assert result.returncode == 0, result.stderr
+
+
+def test_vendored_copy_registers_its_own_names(tmp_path):
+    vendor = tmp_path / "myproj" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "myproj" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    (vendor / "mmap_ninja.py").write_bytes((HERE / "mmap_ninja.py").read_bytes())
+    result = run_python("""
+        import sys
+        from myproj._vendor.mmap_ninja.ragged import RaggedMmap
+        import myproj._vendor.mmap_ninja as m
+        assert RaggedMmap is m.RaggedMmap
+        assert 'mmap_ninja.ragged' not in sys.modules and 'mmap_ninja' not in sys.modules
+        print('ok')""", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+
+
+def test_reload_is_safe():
+    result = run_python("""
+        import importlib, sys, mmap_ninja
+        shim = sys.modules["mmap_ninja.numpy"]
+        importlib.reload(mmap_ninja)
+        assert sys.modules["mmap_ninja.numpy"] is shim
+        assert shim.from_ndarray is mmap_ninja.np_from_ndarray
+        from mmap_ninja.ragged import RaggedMmap
+        assert RaggedMmap is mmap_ninja.RaggedMmap
+        print('ok')""")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Stores written by the published 0.8.2 and 0.9.0
+# ---------------------------------------------------------------------------------------------
+
+def legacy_cases():
+    for version in ("0.8.2", "0.9.0"):
+        expected = json.loads((LEGACY / version / "expected.json").read_text())["stores"]
+        for name, spec in expected.items():
+            yield pytest.param(version, name, spec, id=f"{version}-{name}")
+
+
+def check_against_expected(store, spec):
+    if spec["type"] == "numpy":
+        arr = spec["array"]
+        assert isinstance(store, np.memmap)
+        assert store.dtype == np.dtype(arr["dtype"]) and store.shape == tuple(arr["shape"])
+        np.testing.assert_array_equal(store, np.array(arr["values"], arr["dtype"]).reshape(arr["shape"]))
+    elif spec["type"] == "ragged" and "scalars" in spec:
+        assert [s.shape for s in store] == [()] * len(spec["scalars"])
+        assert [s.item() for s in store] == spec["scalars"]
+    elif spec["type"] == "ragged":
+        assert_same_samples(list(store), [np.array(s["values"], s["dtype"]).reshape(s["shape"])
+                                          for s in spec["samples"]])
+    else:
+        assert isinstance(store, StringsMmap)
+        assert list(store) == spec["strings"]
+
+
+@pytest.mark.parametrize("version, name, spec", legacy_cases())
+def test_legacy_store_opens_and_matches(version, name, spec):
+    if name.startswith("strings_zstd") and not HAS_ZSTD:
+        with pytest.raises(ModuleNotFoundError, match="zstandard"):
+            open_existing(LEGACY / version / name)
+        pytest.skip("zstd store: no zstd module here")
+    check_against_expected(open_existing(LEGACY / version / name), spec)
+
+
+@pytest.mark.parametrize("version, name, spec", legacy_cases())
+def test_legacy_store_accepts_appends(version, name, spec, tmp_path):
+    if name.startswith("strings_zstd") and not HAS_ZSTD:
+        pytest.skip("zstd store: no zstd module here")
+    import shutil
+    store_dir = tmp_path / name
+    shutil.copytree(LEGACY / version / name, store_dir)
+    if spec["type"] == "numpy":
+        if np.dtype(spec["array"]["dtype"]) and open_existing(store_dir).flags.f_contiguous and len(spec["array"]["shape"]) > 1 \
+                and not open_existing(store_dir).flags.c_contiguous:
+            pytest.skip("Fortran-order stores of 2+ dimensions do not extend (tested elsewhere)")
+        before = np.array(open_existing(store_dir))
+        row = np.ones_like(before[:1])
+        after = np_ninja.extend_dir(store_dir, row)
+        np.testing.assert_array_equal(after, np.concatenate([before, row]))
+    elif spec["type"] == "ragged":
+        store = RaggedMmap(store_dir)
+        before = [np.array(s) for s in store]
+        extra = np.ones(3, store.dtype)
+        store.append(extra)
+        assert_same_samples(RaggedMmap(store_dir), before + [extra])
+    else:
+        store = StringsMmap(store_dir)
+        before = list(store)
+        store.extend(["new", "ünï"])
+        assert list(StringsMmap(store_dir)) == before + ["new", "ünï"]
+
+
+def test_missing_zstd_module_gives_clear_error(monkeypatch):
+    monkeypatch.setattr(mmap_ninja, "_zstd_module", lambda: None)
+    with pytest.raises(ModuleNotFoundError, match=r"strings_zstd is zstd-compressed.*Python 3\.14\+.*zstandard"):
+        StringsMmap(LEGACY / "0.9.0" / "strings_zstd")
+
+
+LEGACY_PACKAGES = [p for p in os.environ.get("MMAP_NINJA_LEGACY_PATHS", "").split(";") if p]  # PYTHONPATHs
+
+
+@pytest.mark.skipif(not LEGACY_PACKAGES, reason="set MMAP_NINJA_LEGACY_PATHS to installs of the "
+                                                "published package (.ci/run does)")
+@pytest.mark.parametrize("legacy_path", LEGACY_PACKAGES)
+def test_published_package_reads_and_appends_our_stores(legacy_path, tmp_path):
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(12, dtype=">f4").reshape(4, 3))
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.arange(6).reshape(2, 3), np.array(7)])
+    RaggedMmap.from_lists(tmp_path / "flat", [np.arange(3), np.array([], np.int64)])
+    StringsMmap.from_strings(tmp_path / "s", ["a", "", "ünï"])
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import numpy as np
+        from mmap_ninja import numpy as nn
+        from mmap_ninja.ragged import RaggedMmap
+        from mmap_ninja.string import StringsMmap
+        d = {str(tmp_path)!r}
+        m = nn.open_existing(d + '/n')
+        assert m.dtype == np.dtype('>f4') and m.tolist() == np.arange(12).reshape(4, 3).tolist()
+        nn.extend_dir(d + '/n', np.ones((1, 3), '>f4'))
+        r = RaggedMmap(d + '/r')
+        assert [x.tolist() for x in r] == [[0, 1, 2], [[0, 1, 2], [3, 4, 5]], 7], [x for x in r]
+        r.append(np.arange(4).reshape(2, 2))
+        f = RaggedMmap(d + '/flat')
+        f.append(np.array([5, 6]))
+        s = StringsMmap(d + '/s')
+        assert list(s) == ['a', '', 'ünï']
+        s.append('old')
+        print('ok')""")], env=dict(os.environ, PYTHONPATH=legacy_path), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np_ninja.open_existing(tmp_path / "n")[-1], [1, 1, 1])
+    assert RaggedMmap(tmp_path / "r")[-1].tolist() == [[0, 1], [2, 3]]
+    assert [x.tolist() for x in RaggedMmap(tmp_path / "flat")] == [[0, 1, 2], [], [5, 6]]
+    assert list(StringsMmap(tmp_path / "s")) == ["a", "", "ünï", "old"]
+    assert mmap_ninja._verify(str(tmp_path / "r")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy API
+# ---------------------------------------------------------------------------------------------
+
+def test_np_from_ndarray_round_trip_and_files(tmp_path):
+    arr = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    out = np_ninja.from_ndarray(tmp_path / "a", arr)
+    assert isinstance(out, np.memmap) and out.mode == "r+"
+    np.testing.assert_array_equal(out, arr)
+    d = tmp_path / "a"
+    assert (d / "type.ninja").read_text() == "numpy"
+    assert (d / "dtype.ninja").read_text() == "float32"
+    assert (d / "shape.ninja").read_bytes() == np.array([4, 3, 2], "<u8").tobytes()
+    assert (d / "order.ninja").read_text() == "C"
+    assert (d / "data.ninja").read_bytes() == arr.tobytes()
+    reopened = np_ninja.open_existing(str(d))
+    assert reopened.mode == "r" and not reopened.flags.writeable
+    np.testing.assert_array_equal(reopened, arr)
+
+
+def test_np_fortran_and_noncontiguous_inputs(tmp_path):
+    fortran = np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4))
+    out = np_ninja.from_ndarray(tmp_path / "f", fortran)
+    assert (tmp_path / "f" / "order.ninja").read_text() == "F"
+    assert out.flags.f_contiguous
+    np.testing.assert_array_equal(out, fortran)
+    strided = np.arange(40).reshape(8, 5)[::2, 1::2]
+    np.testing.assert_array_equal(np_ninja.from_ndarray(tmp_path / "s", strided), strided)
+    with pytest.raises(ValueError, match="Fortran-order store.*np.ascontiguousarray"):
+        np_ninja.extend_dir(tmp_path / "f", np.zeros((1, 4), np.int16))
+
+
+def test_np_from_generator_commits_batches(tmp_path):
+    seen = []
+
+    def gen():
+        for i in range(10):
+            if i == 7:  # batches of 3: two are committed by now
+                seen.append(np_ninja.open_existing(tmp_path / "g").shape)
+            yield np.full((2, 2), i, np.uint8)
+    out = np_ninja.from_generator(tmp_path / "g", gen(), batch_size=3)
+    assert seen == [(6, 2, 2)]
+    assert out.shape == (10, 2, 2) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, 0, 0], np.arange(10))
+
+
+def test_np_from_generator_refuses_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="cannot be inferred.*np_empty"):
+        np_ninja.from_generator(tmp_path / "e", iter([]), 4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            np_ninja.from_generator(tmp_path / "b", iter([np.zeros(2)]), bad)
+    with pytest.raises(ValueError, match=r"every sample must have shape \(2,\)"):
+        np_ninja.from_generator(tmp_path / "s", iter([np.zeros(2), np.zeros(3)]), 4)
+    assert np_ninja.open_existing(tmp_path / "s").shape == (0, 2)
+
+
+def test_np_extend_append_and_snapshot(tmp_path):
+    m = np_ninja.from_ndarray(tmp_path / "a", np.arange(6).reshape(3, 2))
+    reader = np_ninja.open_existing(tmp_path / "a")
+    m2 = np_ninja.extend(m, np.array([[6, 7], [8, 9]]))
+    m3 = np_ninja.append(m2, np.array([10, 11]))
+    assert reader.shape == (3, 2)  # a snapshot
+    np.testing.assert_array_equal(m3, np.arange(12).reshape(6, 2))
+    np.testing.assert_array_equal(np_ninja.open_existing(tmp_path / "a"), np.arange(12).reshape(6, 2))
+    np_ninja.extend_dir(tmp_path / "a", np.zeros((0, 2), np.int64))
+    assert np_ninja.open_existing(tmp_path / "a").shape == (6, 2)
+
+
+def test_np_refused_extends_leave_store_unchanged(tmp_path):
+    np_ninja.from_ndarray(tmp_path / "a", np.arange(6, dtype=np.int32).reshape(3, 2))
+    before = snapshot(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) with an array of shape \(1, 3\).*rows must have shape \(2,\)"):
+        np_ninja.extend_dir(tmp_path / "a", np.zeros((1, 3), np.int32))
+    with pytest.raises(TypeError, match="dtype float64 in a store of dtype int32 without losing"):
+        np_ninja.extend_dir(tmp_path / "a", np.zeros((1, 2)))
+    with pytest.raises(TypeError, match="without losing values"):
+        np_ninja.extend_dir(tmp_path / "a", np.array([[2**40, 1]]))
+    with pytest.raises(TypeError, match="object dtype"):
+        np_ninja.extend_dir(tmp_path / "a", np.array([[object(), 1]], dtype=object))
+    assert snapshot(tmp_path / "a") == before
+    np_ninja.extend_dir(tmp_path / "a", [[7, 8]])  # a list of Python ints that fit is fine
+    assert np_ninja.open_existing(tmp_path / "a")[-1].tolist() == [7, 8]
+
+
+def test_np_empty_and_zero_size(tmp_path):
+    e = np_ninja.empty(tmp_path / "e", np.float32, (3, 2))
+    assert e.shape == (3, 2) and e.dtype == np.float32 and not e.any()
+    e[1] = [1, 2]
+    e.flush()
+    assert np_ninja.open_existing(tmp_path / "e")[1].tolist() == [1, 2]
+    z = np_ninja.from_ndarray(tmp_path / "z", np.zeros((0, 4), np.uint8))
+    assert isinstance(z, np.memmap) and z.shape == (0, 4)
+    assert os.path.getsize(tmp_path / "z" / "data.ninja") == 0
+    np_ninja.extend_dir(tmp_path / "z", np.ones((2, 4), np.uint8))
+    np.testing.assert_array_equal(np_ninja.open_existing(tmp_path / "z"), np.ones((2, 4)))
+    scalar = np_ninja.from_ndarray(tmp_path / "s", np.array(3.5))
+    assert scalar.shape == () and float(scalar) == 3.5
+
+
+def test_np_published_one_byte_empty_file_is_overwritten(tmp_path):
+    np_ninja.from_ndarray(tmp_path / "a", np.zeros((0,), np.int64))
+    (tmp_path / "a" / "data.ninja").write_bytes(b"\x00")  # what 0.8.2 leaves for 0 elements
+    assert np_ninja.open_existing(tmp_path / "a").shape == (0,)
+    np_ninja.extend_dir(tmp_path / "a", np.array([5, 6]))
+    assert np_ninja.open_existing(tmp_path / "a").tolist() == [5, 6]
+
+
+EXACT_DTYPES = [">f4", ">i8", "<U7", "S5", "bool", "float16", "complex64", ">c16",
+                "datetime64[ns]", "timedelta64[s]", "M8[D]",
+                [("x", "<i4"), ("y", ">f8", (2,)), ("name", "U3")]]
+
+
+def sample_values(dtype, n):
+    dtype = np.dtype(dtype)
+    raw = np.arange(n * dtype.itemsize, dtype=np.uint8) % 7
+    values = raw.view(dtype) if dtype.kind not in "USMmb" else None
+    if dtype.kind == "U":
+        values = np.array([f"ü{i}"[: dtype.itemsize // 4] for i in range(n)], dtype)
+    elif dtype.kind == "S":
+        values = np.array([f"b{i}".encode() for i in range(n)], dtype)
+    elif dtype.kind in "Mm":
+        values = np.arange(n).astype(dtype)
+    elif dtype.kind == "b":
+        values = np.arange(n) % 2 == 0
+    return np.ascontiguousarray(values)
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+def test_exact_dtypes_round_trip_everywhere(dtype, tmp_path):
+    dtype = np.dtype(dtype)
+    values = sample_values(dtype, 6)
+    assert values.dtype == dtype
+    m = np_ninja.from_ndarray(tmp_path / "n", values.reshape(3, 2))
+    np_ninja.extend_dir(tmp_path / "n", values[:2].reshape(1, 2))
+    reopened = np_ninja.open_existing(tmp_path / "n")
+    assert reopened.dtype == dtype and m.dtype == dtype
+    np.testing.assert_array_equal(reopened, np.concatenate([values.reshape(3, 2), values[:2].reshape(1, 2)]))
+    ragged = RaggedMmap.from_lists(tmp_path / "r", [values[:1], values[1:4].reshape(3, 1)])
+    ragged.append(values[4:])
+    assert_same_samples(RaggedMmap(tmp_path / "r"), [values[:1], values[1:4].reshape(3, 1), values[4:]])
+    text = (tmp_path / "n" / "dtype.ninja").read_text()
+    assert np.dtype(text if not text.startswith("[") else eval(text)) == dtype  # what old readers do
+
+
+def test_native_dtypes_keep_published_names(tmp_path):
+    for dtype, text in [(np.float32, "float32"), (np.int64, "int64"), (np.uint8, "uint8"), (bool, "bool")]:
+        np_ninja.from_ndarray(tmp_path / text, np.zeros(2, dtype))
+        assert (tmp_path / text / "dtype.ninja").read_text() == text
+
+
+def test_object_dtype_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="object dtype"):
+        np_ninja.from_ndarray(tmp_path / "o", np.array([1, "a", None], dtype=object))
+    with pytest.raises(TypeError, match="not array-like"):
+        RaggedMmap.from_lists(tmp_path / "r", [{"a": 1}])
+
+
+def test_memmap_pickles_by_path_and_slices_by_value(tmp_path):
+    m = np_ninja.from_ndarray(tmp_path / "a", np.arange(200_000, dtype=np.float64))
+    blob = pickle.dumps(m)
+    assert len(blob) < 500
+    back = pickle.loads(blob)
+    assert isinstance(back, np.memmap) and back.shape == m.shape
+    np.testing.assert_array_equal(back[:5], np.arange(5))
+    part = pickle.loads(pickle.dumps(m[10:13]))
+    assert type(part) is np.ndarray and part.tolist() == [10, 11, 12]
+
+
+# ---------------------------------------------------------------------------------------------
+# RaggedMmap
+# ---------------------------------------------------------------------------------------------
+
+def mixed_samples():
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 255, (rng.integers(1, 5), 3, 2)).astype(np.uint8) for _ in range(30)] + [
+        np.zeros((0, 3, 2), np.uint8)]
+
+
+def test_ragged_from_lists_layout_and_values(tmp_path):
+    samples = [np.arange(3, dtype=np.int32), np.arange(6, dtype=np.int32).reshape(2, 3)]
+    store = RaggedMmap.from_lists(tmp_path / "r", samples)
+    assert_same_samples(store, samples)
+    d = tmp_path / "r"
+    assert (d / "type.ninja").read_text() == "ragged"
+    assert (d / "shapes_are_flat.ninja").read_bytes() == b"\x00\x00\x00\x00"
+    assert (d / "starts" / "data.ninja").read_bytes() == np.array([0, 3], "<i8").tobytes()
+    assert (d / "ends" / "data.ninja").read_bytes() == np.array([3, 9], "<i8").tobytes()
+    assert (d / "flattened_shapes" / "data.ninja").read_bytes() == np.array([3, 6], "<i8").tobytes()
+    assert mmap_ninja._verify(str(d)) == []
+
+
+def test_ragged_flat_layout_matches_published(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.array([1.5, 2.5]), np.array([]), np.array(3.5)])
+    d = tmp_path / "r"
+    assert (d / "shapes_are_flat.ninja").read_bytes() == b"\x01\x00\x00\x00"
+    assert (d / "shapes" / "shape.ninja").read_bytes() == np.array([3, 1], "<u8").tobytes()
+    assert (d / "shapes" / "data.ninja").read_bytes() == np.array([2, 0, 0], "<i8").tobytes()
+    assert (d / "flattened_shapes" / "data.ninja").read_bytes() == np.array([2, 0, 1], "<i8").tobytes()
+    store = RaggedMmap(d)
+    assert [s.shape for s in store] == [(2,), (0,), ()]
+    assert store[2].item() == 3.5
+
+
+def test_ragged_generator_indexable_and_function(tmp_path):
+    samples = mixed_samples()
+    assert_same_samples(RaggedMmap.from_generator(tmp_path / "g", iter(samples), batch_size=4), samples)
+    assert_same_samples(RaggedMmap.from_indexable(tmp_path / "i", samples, batch_size=7), samples)
+    assert_same_samples(RaggedMmap.from_indexable(tmp_path / "j", samples, batch_size=5, n_jobs=3), samples)
+
+    def fn(i):
+        if i >= 11:
+            raise IndexError(i)
+        return np.arange(i)
+    store = RaggedMmap.from_indexable(tmp_path / "f", fn, batch_size=4, n_jobs=2)
+    assert [len(s) for s in store] == list(range(11))
+
+
+def test_ragged_generator_commits_every_batch(tmp_path):
+    lengths = []
+
+    def gen():
+        for i in range(9):
+            if i == 5:
+                lengths.append(len(RaggedMmap(tmp_path / "g")))
+            yield np.arange(i)
+    RaggedMmap.from_generator(tmp_path / "g", gen(), batch_size=2)
+    assert lengths == [4]
+
+
+def test_ragged_indexing_forms(tmp_path):
+    samples = [np.arange(i, dtype=np.int16) for i in range(6)]
+    store = RaggedMmap.from_lists(tmp_path / "r", samples)
+    assert store[np.int64(2)].tolist() == [0, 1]
+    assert store[-1].tolist() == list(range(5))
+    assert [s.tolist() for s in store[1:6:2]] == [[0], [0, 1, 2], [0, 1, 2, 3, 4]]
+    assert [len(s) for s in store[[5, 0, -2]]] == [5, 0, 4]
+    assert [len(s) for s in store[np.array([3, 3])]] == [3, 3]
+    assert [len(s) for s in store[np.arange(6) % 2 == 1]] == [1, 3, 5]
+    assert store[[]] == [] and store[4:2] == []
+    with pytest.raises(IndexError, match="index 6 is out of range for 6 samples"):
+        store[6]
+    with pytest.raises(IndexError, match="index -7"):
+        store[[0, -7]]
+    with pytest.raises(IndexError, match="boolean mask"):
+        store[np.array([True, False])]
+    with pytest.raises(TypeError, match="index must be"):
+        store["a"]
+    assert [len(s) for s in iter(store)] == list(range(6))
+    assert store.get_single(3).tolist() == [0, 1, 2] and len(store.get_multiple([1, 2])) == 2
+
+
+def test_ragged_setitem(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.arange(4).reshape(2, 2)])
+    store[0] = [7, 8, 9]
+    store[1] = np.array([[1, 1], [1, 1]])
+    assert store[0].tolist() == [7, 8, 9]
+    assert RaggedMmap(tmp_path / "r")[1].tolist() == [[1, 1], [1, 1]]
+    before = snapshot(tmp_path / "r")
+    with pytest.raises(ValueError, match="sample 0 has 3 elements; a replacement must have as many"):
+        store[0] = [1, 2]
+    with pytest.raises(ValueError, match="sample 1 has 4 elements"):
+        store[0:2] = [[1, 2, 3], [1]]  # the first is fine, the second is not: nothing is written
+    assert snapshot(tmp_path / "r") == before
+    store[[1, 0]] = [np.zeros(4, int), [0, 0, 0]]
+    assert [s.sum() for s in RaggedMmap(tmp_path / "r")] == [0, 0]
+
+
+def test_ragged_modes_and_wrapper(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(3.0)])
+    ro = RaggedMmap(tmp_path / "r")
+    assert not ro[0].flags.writeable
+    rw = RaggedMmap(tmp_path / "r", mode="r+")
+    rw[0][1] = 42
+    assert RaggedMmap(tmp_path / "r")[0].tolist() == [0, 42, 2]
+    wrapped = RaggedMmap(tmp_path / "r", wrapper_fn=lambda a: a * 2)
+    assert wrapped[0].tolist() == [0, 84, 4]
+
+    def grab(a):
+        a[0] = -1
+        return a
+    copied = RaggedMmap(tmp_path / "r", mode="r+", wrapper_fn=grab)
+    assert copied[0].flags.writeable and copied[0][0] == -1
+    assert RaggedMmap(tmp_path / "r")[0][0] == 0  # wrapper got a copy
+    with pytest.raises(ValueError, match="mode must be"):
+        RaggedMmap(tmp_path / "r", mode="w")
+
+
+def test_ragged_empty_store_and_zero_length_samples(tmp_path):
+    store = RaggedMmap(tmp_path / "new" / "nested")
+    assert len(store) == 0 and list(store) == [] and store[:] == []
+    with pytest.raises(IndexError):
+        store[0]
+    store.append(np.array([], np.float32))
+    store.extend([np.zeros((0, 3), np.float32), np.ones(2, np.float32)])
+    assert [s.shape for s in RaggedMmap(tmp_path / "new" / "nested")] == [(0,), (0, 3), (2,)]
+    assert RaggedMmap(tmp_path / "new" / "nested").dtype == np.float32
+    empty = RaggedMmap.from_generator(tmp_path / "g", iter([]), 3)
+    assert len(empty) == 0 and (tmp_path / "g" / "type.ninja").read_text() == "ragged"
+    empty.append(np.array([1, 2], np.uint8))  # the first samples choose an empty store's dtype
+    assert RaggedMmap(tmp_path / "g")[0].dtype == np.uint8
+    assert os.path.getsize(tmp_path / "g" / "starts" / "data.ninja") == 8
+
+
+def test_ragged_flat_store_takes_nd_samples(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.array(5)])
+    store.append(np.arange(4).reshape(2, 2))
+    store.append(np.array(6))
+    expected = [np.arange(3), np.array(5), np.arange(4).reshape(2, 2), np.array(6)]
+    assert_same_samples(store, expected)
+    assert_same_samples(RaggedMmap(tmp_path / "r"), expected)
+    assert (tmp_path / "r" / "shapes_are_flat.ninja").read_bytes() == b"\x00\x00\x00\x00"
+    assert sorted(os.listdir(tmp_path / "r" / "shapes"))[-1] == "type.ninja"
+    assert mmap_ninja._verify(str(tmp_path / "r")) == []
+
+
+def test_ragged_refused_input_leaves_store_unchanged(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3)])
+    before = snapshot(tmp_path / "r")
+    with pytest.raises(TypeError, match="not array-like"):
+        store.extend([np.arange(2), object()])
+    with pytest.raises(TypeError, match="dtype float64 in a store of dtype int64"):
+        store.extend([np.arange(2), np.ones(2)])
+    with pytest.raises(TypeError, match="cannot store list value"):
+        store.append([[1, 2], [3]])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        RaggedMmap.from_generator(tmp_path / "x", iter([]), 0)
+    assert snapshot(tmp_path / "r") == before and len(store) == 1
+
+
+def test_ragged_snapshot_and_own_appends(tmp_path):
+    writer = RaggedMmap.from_lists(tmp_path / "r", [np.arange(2)])
+    reader = RaggedMmap(tmp_path / "r")
+    writer.extend([np.arange(3), np.arange(4)])
+    assert len(reader) == 1 and len(writer) == 3
+    assert writer[2].tolist() == [0, 1, 2, 3]
+    assert len(RaggedMmap(tmp_path / "r")) == 3
+
+
+def test_ragged_close_and_with(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(2)])
+    with RaggedMmap(tmp_path / "r") as store:
+        kept = store[0]
+    with pytest.raises(ValueError, match="the store is closed"):
+        store[0]
+    assert kept.tolist() == [0, 1]  # a sample held past close stays valid
+
+
+def test_get_padded(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(1, i + 1) for i in range(5)])
+    batch, shapes = store.get_padded([4, 1, 2], pad_value=-1)
+    assert batch.tolist() == [[1, 2, 3, 4], [1, -1, -1, -1], [1, 2, -1, -1]]
+    assert shapes.tolist() == [[4], [1], [2]] and batch.flags.writeable
+    images = RaggedMmap.from_lists(tmp_path / "i", [np.ones((2, 3)), np.full((3, 1), 2.0)])
+    batch, shapes = images.get_padded([0, 1])
+    assert batch.shape == (2, 3, 3) and shapes.tolist() == [[2, 3], [3, 1]]
+    assert batch[0].sum() == 6 and batch[1].sum() == 6 and batch[1, :, 0].tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="one number of dimensions"):
+        RaggedMmap.from_lists(tmp_path / "m", [np.ones(2), np.ones((2, 2))]).get_padded([0, 1])
+
+
+def test_ragged_str_dtype_and_paths(tmp_path):
+    words = [np.array(["ab", "cde"]), np.array(["ü"])]
+    store = RaggedMmap.from_lists(str(tmp_path / "a" / "b" / "c"), words)
+    assert store.dtype == np.dtype("<U3") and [w.tolist() for w in store] == [["ab", "cde"], ["ü"]]
+    with pytest.raises(TypeError, match="without losing values"):
+        store.append(np.array(["toolong"]))
+
+
+def test_from_lists_dtype_argument(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [[1, 2], [3]], dtype=np.float32)
+    assert store.dtype == np.float32 and store[0].dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# StringsMmap
+# ---------------------------------------------------------------------------------------------
+
+def test_strings_round_trip_and_layout(tmp_path):
+    texts = ["alpha", "", "ünïcødé ✓", "😀", "line\nbreak"]
+    store = StringsMmap.from_strings(tmp_path / "s", texts)
+    assert list(store) == texts
+    assert (tmp_path / "s" / "data.ninja").read_bytes() == "".join(texts).encode()
+    assert store[-1] == "line\nbreak" and store[1:3] == ["", "ünïcødé ✓"] and store[[3, 0]] == ["😀", "alpha"]
+    store.append("new")
+    store.extend(["x", "y"])
+    assert list(StringsMmap(tmp_path / "s")) == texts + ["new", "x", "y"]
+    gen = StringsMmap.from_generator(tmp_path / "g", (str(i) for i in range(10)), batch_size=3)
+    assert list(gen) == [str(i) for i in range(10)]
+
+
+def test_strings_refused_input_and_setitem(tmp_path):
+    store = StringsMmap.from_strings(tmp_path / "s", ["abc", "de"])
+    before = snapshot(tmp_path / "s")
+    with pytest.raises(TypeError, match="holds str only, got bytes"):
+        store.extend(["ok", b"bytes"])
+    with pytest.raises(TypeError, match="got int"):
+        store.append(5)
+    with pytest.raises(ValueError, match="string 0 is 3 UTF-8 bytes; a replacement must be as long, got 2"):
+        store[0] = "ab"
+    assert snapshot(tmp_path / "s") == before
+    store[0] = "xyz"
+    assert StringsMmap(tmp_path / "s")[0] == "xyz"
+
+
+def test_strings_empty(tmp_path):
+    store = StringsMmap.from_strings(tmp_path / "e", [])
+    assert len(store) == 0 and list(store) == []
+    assert os.path.getsize(tmp_path / "e" / "data.ninja") == 0
+    store.append("first")
+    assert list(StringsMmap(tmp_path / "e")) == ["first"]
+    fresh = StringsMmap(tmp_path / "fresh")
+    assert len(fresh) == 0
+    fresh.extend(["a"])
+    assert open_existing(tmp_path / "fresh")[0] == "a"
+
+
+@needs_zstd
+@pytest.mark.parametrize("dict_size", [None, 1024])
+def test_strings_zstd_round_trip(tmp_path, dict_size):
+    texts = [f"document {i} about ninja " * (i % 5 + 1) for i in range(100)]
+    store = StringsMmap.from_strings(tmp_path / "z", texts, zstd_level=5, zstd_train_dictionary_size=dict_size)
+    assert (tmp_path / "z" / "zstd_level.ninja").read_text() == "5"
+    assert (tmp_path / "z" / "zstd_dict.ninja").exists() == bool(dict_size)
+    store.extend(["more", "ünï"])
+    assert list(StringsMmap(tmp_path / "z")) == texts + ["more", "ünï"]
+    assert os.path.getsize(tmp_path / "z" / "data.ninja") < sum(len(t) for t in texts)
+    with pytest.raises(ValueError, match="cannot be replaced in place"):
+        store[0] = texts[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# open_existing, Wrapped, ShardedMmap, damaged stores
+# ---------------------------------------------------------------------------------------------
+
+def test_open_existing_dispatches(tmp_path):
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(3))
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(2)])
+    StringsMmap.from_strings(tmp_path / "s", ["a"])
+    assert isinstance(open_existing(tmp_path / "n"), np.memmap)
+    assert isinstance(open_existing(tmp_path / "r"), RaggedMmap)
+    assert isinstance(open_existing(tmp_path / "s"), StringsMmap)
+    assert open_existing(tmp_path / "n", wrapper_fn=lambda x: x + 1)[2] == 3
+    assert open_existing(tmp_path / "r", wrapper_fn=lambda x: x.sum())[0] == 1
+    assert open_existing(tmp_path / "s", wrapper_fn=str.upper)[0] == "A"
+    with pytest.raises(ValueError, match="is a numpy store, not a ragged store"):
+        RaggedMmap(tmp_path / "n")
+    with pytest.raises(ValueError, match="is a ragged store, not a strings store"):
+        StringsMmap(tmp_path / "r")
+
+
+def test_wrapped(tmp_path):
+    data = np_ninja.from_ndarray(tmp_path / "n", np.arange(6).reshape(3, 2))
+    seen = []
+    wrapped = Wrapped(data, lambda x: seen.append(x.flags.writeable and x.base is None) or x.sum())
+    assert len(wrapped) == 3 and wrapped[1] == 5 and wrapped[1:] == [5, 9] and list(wrapped) == [1, 5, 9]
+    assert all(seen)  # each call got its own writable copy
+    no_copy = Wrapped(data, lambda x: x, copy_before_wrapper_fn=False)
+    assert isinstance(no_copy[0], np.memmap)
+    blob = pickle.dumps(Wrapped(RaggedMmap.from_lists(tmp_path / "r", [np.arange(10**5)]), np.sum))
+    assert len(blob) < 600 and pickle.loads(blob)[0] == sum(range(10**5))
+
+
+def test_sharded(tmp_path):
+    for k in range(3):
+        RaggedMmap.from_lists(tmp_path / "shards" / f"part-{k}", [np.full(2, 10 * k + i) for i in range(k + 1)])
+    (tmp_path / "shards" / "not-a-store").mkdir()
+    sharded = ShardedMmap(tmp_path / "shards")
+    assert len(sharded) == 6
+    assert [int(s[0]) for s in sharded] == [0, 10, 11, 20, 21, 22]
+    assert sharded[-1].tolist() == [22, 22] and [int(s[0]) for s in sharded[2:4]] == [11, 20]
+    assert [int(s[0]) for s in sharded[[5, 0]]] == [22, 0]
+    with pytest.raises(IndexError, match="out of range for 6 samples in 3 shards"):
+        sharded[6]
+    back = pickle.loads(pickle.dumps(sharded))
+    assert len(pickle.dumps(sharded)) < 1000 and [int(s[0]) for s in back] == [0, 10, 11, 20, 21, 22]
+    with pytest.raises(FileNotFoundError, match="holds no mmap_ninja store"):
+        ShardedMmap(tmp_path / "shards" / "not-a-store")
+
+
+@pytest.fixture
+def ragged_dir(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(4), np.arange(2)])
+    return tmp_path / "r"
+
+
+def test_damaged_data_file_shorter_than_metadata(ragged_dir):
+    with open(ragged_dir / "data.ninja", "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(ValueError, match=r"data.ninja holds 20 bytes but its metadata needs 48"):
+        RaggedMmap(ragged_dir)
+
+
+def test_damaged_offsets_past_data(ragged_dir):
+    (ragged_dir / "ends" / "data.ninja").write_bytes(np.array([4, 60], "<i8").tobytes())
+    with pytest.raises(ValueError, match=r"r: sample 1 ends at element 60 but the data holds 6"):
+        RaggedMmap(ragged_dir)
+    assert any("offsets reach element 60" in p for p in mmap_ninja._verify(str(ragged_dir)))
+
+
+def test_damaged_missing_metadata(ragged_dir):
+    os.remove(ragged_dir / "dtype.ninja")
+    with pytest.raises(FileNotFoundError, match=r"dtype is missing: .*dtype.ninja does not exist"):
+        RaggedMmap(ragged_dir)
+
+
+def test_damaged_unknown_type_and_dtype(ragged_dir):
+    (ragged_dir / "dtype.ninja").write_text("__import__('os').system('echo pwned')")
+    with pytest.raises(ValueError, match=r"cannot parse dtype \"__import__"):
+        RaggedMmap(ragged_dir)
+    (ragged_dir / "dtype.ninja").write_text("[('a', 'O')]")
+    with pytest.raises(ValueError, match="holds Python objects"):
+        RaggedMmap(ragged_dir)
+    (ragged_dir / "type.ninja").write_text("tensor")
+    with pytest.raises(ValueError, match="unknown store type 'tensor'"):
+        open_existing(ragged_dir)
+
+
+def test_damaged_shape_file(tmp_path):
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(3))
+    (tmp_path / "n" / "shape.ninja").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        np_ninja.open_existing(tmp_path / "n")
+    np_ninja.from_ndarray(tmp_path / "m", np.arange(3))
+    (tmp_path / "m" / "shape.ninja").write_bytes(np.array([9], "<u8").tobytes())
+    with pytest.raises(ValueError, match="holds 24 bytes but its metadata needs 72"):
+        np_ninja.open_existing(tmp_path / "m")
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a mmap_ninja store"):
+        open_existing(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety: a writer killed with SIGKILL at random moments
+# ---------------------------------------------------------------------------------------------
+
+WRITER = """
+import sys, numpy as np, mmap_ninja as mn
+kind, d = sys.argv[1], sys.argv[2]
+def ragged_sample(k):
+    return np.full((2, k % 4 + 1), k, np.int64) if k % 3 == 0 else np.full(k % 5, k, np.int64)
+if kind == 'ragged':
+    s = mn.RaggedMmap(d)
+    while True:
+        k = len(s)
+        s.extend([ragged_sample(k), ragged_sample(k + 1)]) if k % 2 else s.append(ragged_sample(k))
+elif kind == 'strings':
+    s = mn.StringsMmap(d)
+    while True:
+        k = len(s)
+        s.append(str(k) * (k % 5))
+else:
+    while True:
+        k = len(mn.np_open_existing(d))
+        mn.np_extend_dir(d, np.arange(k, k + 3).reshape(1, 3) if k % 2 else np.array([np.arange(k, k + 3), np.arange(k + 1, k + 4)]))
+"""
+
+
+def expected_sample(kind, k):
+    if kind == "ragged":
+        return np.full((2, k % 4 + 1), k, np.int64) if k % 3 == 0 else np.full(k % 5, k, np.int64)
+    if kind == "strings":
+        return str(k) * (k % 5)
+    return np.arange(k, k + 3)
+
+
+def verify_all(kind, d):
+    store = np_ninja.open_existing(d) if kind == "numpy" else open_existing(d)
+    for k in range(len(store)):
+        got, want = store[k], expected_sample(kind, k)
+        if kind == "strings":
+            assert got == want, (k, got, want)
+        else:
+            assert got.shape == want.shape and (got == want).all(), (k, got, want)
+    return len(store)
+
+
+@pytest.mark.parametrize("kind", ["ragged", "strings", "numpy"])
+def test_sigkill_during_appends_loses_nothing(kind, tmp_path):
+    d = str(tmp_path / kind)
+    if kind == "numpy":
+        np_ninja.from_ndarray(d, np.zeros((0, 3), np.int64))
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    rng = random.Random(1234)
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    counts = []
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, str(script), kind, d], env=env, stderr=subprocess.PIPE)
+        time.sleep(0.35 + rng.random() * 0.4)  # python + numpy start-up, then appends
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        n = verify_all(kind, d)
+        counts.append(n)
+        # the store accepts further appends, which overwrite whatever the killed writer left
+        if kind == "ragged":
+            RaggedMmap(d).append(expected_sample(kind, n))
+        elif kind == "strings":
+            StringsMmap(d).append(expected_sample(kind, n))
+        else:
+            np_ninja.extend_dir(d, expected_sample(kind, n)[None])
+        assert verify_all(kind, d) == n + 1
+        assert mmap_ninja._verify(d) == []
+    assert counts == sorted(counts) and counts[-1] > 50  # the writer really wrote
+
+
+def test_two_writers_are_serialized(tmp_path):
+    d = str(tmp_path / "r")
+    RaggedMmap.from_lists(d, [np.zeros(1, np.int64)])
+    code = f"""
+        import numpy as np, mmap_ninja as mn, sys
+        tag = int(sys.argv[1])
+        s = mn.RaggedMmap({d!r})
+        for i in range(300):
+            s.append(np.full(3 if tag else 2, tag * 1000 + i, np.int64))
+        """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(tag)],
+                              env=dict(os.environ, PYTHONPATH=str(HERE))) for tag in (0, 1)]
+    assert [p.wait() for p in procs] == [0, 0]
+    store = RaggedMmap(d)
+    assert len(store) == 601
+    seen = sorted(int(s[0]) for s in store[1:])
+    assert seen == list(range(300)) + list(range(1000, 1300))
+    assert all(len(s) == (3 if s[0] >= 1000 else 2) and (s == s[0]).all() for s in store[1:])
+
+
+def test_readers_see_consistent_snapshots_while_writing(tmp_path):
+    d = str(tmp_path / "s")
+    StringsMmap.from_strings(d, [])
+    code = f"""
+        import mmap_ninja as mn
+        s = mn.StringsMmap({d!r})
+        for k in range(3000):
+            s.append(str(k) * (k % 5))
+        """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=dict(os.environ, PYTHONPATH=str(HERE)))
+    while proc.poll() is None:
+        verify_all("strings", d)
+    assert proc.returncode == 0 and verify_all("strings", d) == 3000
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes, permissions, descriptors
+# ---------------------------------------------------------------------------------------------
+
+def _worker_sum(args):
+    store, i = args
+    return int(np.asarray(store[i]).sum())
+
+
+def test_spawned_workers_read_by_path(tmp_path):
+    import multiprocessing
+    ragged = RaggedMmap.from_lists(tmp_path / "r", [np.full(100_000, i) for i in range(4)])
+    strings = StringsMmap.from_strings(tmp_path / "s", ["x" * 100_000, "yy"])
+    memmap = np_ninja.from_ndarray(tmp_path / "n", np.ones((4, 100_000)))
+    for store in (ragged, strings, memmap):
+        assert len(pickle.dumps(store)) < 600
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert pool.map(_worker_sum, [(ragged, i) for i in range(4)]) == [0, 100_000, 200_000, 300_000]
+        assert pool.map(_worker_sum, [(memmap, i) for i in range(2)]) == [100_000, 100_000]
+        assert pool.map(len, [strings]) == [2]
+
+
+def test_unpickled_store_keeps_the_senders_length(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(2)])
+    blob = pickle.dumps(store)
+    RaggedMmap(tmp_path / "r").append(np.arange(3))
+    assert len(pickle.loads(blob)) == 1
+
+
+def _make_read_only(root):
+    for path, dirs, files in os.walk(root):
+        os.chmod(path, 0o555)
+        for name in files:
+            os.chmod(os.path.join(path, name), 0o444)
+
+
+def test_read_only_user_opens_everything(tmp_path):
+    import tempfile
+    root = tempfile.mkdtemp(prefix="ninja-ro-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    try:
+        np_ninja.from_ndarray(os.path.join(root, "n"), np.arange(4))
+        RaggedMmap.from_lists(os.path.join(root, "r"), [np.arange(3)])
+        StringsMmap.from_strings(os.path.join(root, "s"), ["abc"])
+        _make_read_only(root)
+        os.chmod(root, 0o755)
+        code = f"""
+            import os, numpy as np, mmap_ninja as mn
+            if os.geteuid() == 0:  # root ignores file permissions: become nobody
+                os.setgid(65534)
+                os.setuid(65534)
+            r = {root!r}
+            assert mn.np_open_existing(r + '/n').tolist() == [0, 1, 2, 3]
+            assert mn.RaggedMmap(r + '/r')[0].tolist() == [0, 1, 2]
+            assert mn.StringsMmap(r + '/s')[0] == 'abc'
+            assert [len(mn.open_existing(r + '/' + k)) for k in 'nrs'] == [4, 1, 1]
+            for attempt in (lambda: mn.RaggedMmap(r + '/r').append(np.arange(2)),
+                            lambda: mn.StringsMmap(r + '/s').append('x'),
+                            lambda: mn.np_extend_dir(r + '/n', np.arange(2))):
+                try:
+                    attempt()
+                except PermissionError as e:
+                    assert r in str(e), e
+                else:
+                    raise AssertionError('write to a read-only store succeeded')
+            print('ok')
+            """
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                                text=True, cwd="/", env=dict(os.environ, PYTHONPATH=str(HERE)))
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    finally:
+        for path, dirs, files in os.walk(root):
+            os.chmod(path, 0o755)
+        import shutil
+        shutil.rmtree(root)
+
+
+@linux_only
+def test_no_leaked_descriptors(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.ones((2, 2), int)])
+    StringsMmap.from_strings(tmp_path / "s", ["a", "b"])
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(3))
+
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+    for _ in range(20):  # warm up caches
+        RaggedMmap(tmp_path / "r").close()
+    before = count()
+    for _ in range(1000):
+        with RaggedMmap(tmp_path / "r") as r:
+            r[1]
+        with StringsMmap(tmp_path / "s") as s:
+            s[0]
+        np_ninja.open_existing(tmp_path / "n")
+    assert count() == before
+    store = RaggedMmap(tmp_path / "r")
+    for i in range(1000):
+        store.append(np.arange(i % 7))
+        StringsMmap(tmp_path / "s").append("x")
+        if i % 100 == 0:
+            store[len(store) - 1]
+    np_ninja.extend_dir(tmp_path / "n", np.arange(2))
+    store.close()
+    assert count() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bars
+# ---------------------------------------------------------------------------------------------
+
+def test_text_progress_bar_when_tqdm_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import tqdm.auto now fails
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    RaggedMmap.from_indexable(tmp_path / "r", [np.arange(3)] * 50, batch_size=7, verbose=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rragged: ") and err.endswith("\n")
+    assert "100% 50/50" in err and "it/s" in err and err.isascii()
+    StringsMmap.from_generator(tmp_path / "s", (str(i) for i in range(5)), 2, verbose=True)
+    err = capsys.readouterr().err
+    assert "strings: 5 [" in err and err.endswith("\n")
+    RaggedMmap.from_lists(tmp_path / "q", [np.arange(2)])
+    assert capsys.readouterr().err == ""  # verbose off: nothing
+
+
+def test_text_bar_survives_broken_stream():
+    class Broken:
+        def write(self, text):
+            raise OSError("pipe closed")
+
+        def flush(self):
+            pass
+    assert list(mmap_ninja._TextBar(range(3), 3, "x", stream=Broken())) == [0, 1, 2]
+
+
+def test_tqdm_is_used_when_installed(tmp_path, monkeypatch):
+    import types
+    calls = []
+
+    class FakeTqdm:
+        def __init__(self, iterable, total=None, desc=""):
+            calls.append((total, desc))
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+    fake = types.ModuleType("tqdm.auto")
+    fake.tqdm = FakeTqdm
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+    np_ninja.from_generator(tmp_path / "n", iter([np.zeros(2)] * 4), 2, verbose=True)
+    RaggedMmap.from_indexable(tmp_path / "r", [np.arange(2)] * 3, 2, verbose=True)
+    assert calls == [(None, "numpy"), (3, "ragged")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "mmap_ninja", *map(str, args)], cwd=HERE,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(HERE)))
+
+
+def test_cli_help_info_verify(tmp_path):
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("info", "verify", "from-npy", "from-lines"):
+        assert command in result.stdout
+    RaggedMmap.from_lists(tmp_path / "r", [np.ones((2, 3)), np.ones((4, 1))])
+    info = cli("info", tmp_path / "r")
+    assert info.returncode == 0
+    assert "kind:     ragged" in info.stdout and "samples:  2" in info.stdout
+    assert "2-D axis 0: min 2, max 4" in info.stdout and "2-D axis 1: min 1, max 3" in info.stdout
+    assert cli("verify", tmp_path / "r").stdout.strip().endswith(": ok")
+    (tmp_path / "r" / "flattened_shapes" / "data.ninja").write_bytes(np.array([6, 5], "<i8").tobytes())
+    bad = cli("verify", tmp_path / "r")
+    assert bad.returncode == 1 and "UNSOUND" in bad.stdout and "flattened_shapes disagrees" in bad.stdout
+    missing = cli("info", tmp_path / "nothing")
+    assert missing.returncode == 2 and "error:" in missing.stderr and "does not exist" in missing.stderr
+    for version in ("0.8.2", "0.9.0"):
+        for name in sorted(os.listdir(LEGACY / version)):
+            if (LEGACY / version / name).is_dir():
+                assert cli("verify", LEGACY / version / name).returncode == 0, name
+
+
+def test_cli_from_npy_and_from_lines(tmp_path):
+    arr = np.arange(30, dtype=">i4").reshape(10, 3)
+    np.save(tmp_path / "a.npy", arr)
+    result = cli("from-npy", tmp_path / "a.npy", tmp_path / "n", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    out = np_ninja.open_existing(tmp_path / "n")
+    assert out.dtype == np.dtype(">i4")
+    np.testing.assert_array_equal(out, arr)
+    (tmp_path / "lines.txt").write_text("one\ntwo ü\n\nfour\n", encoding="utf-8")
+    result = cli("from-lines", tmp_path / "lines.txt", tmp_path / "s")
+    assert result.returncode == 0, result.stderr
+    assert list(StringsMmap(tmp_path / "s")) == ["one", "two ü", "", "four"]
+    assert "info" in cli("info", tmp_path / "s").stdout or True
+    assert "compression: none" in cli("info", tmp_path / "s").stdout
+
+
+def test_running_the_file_directly(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "mmap_ninja.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "verify" in result.stdout
