@@ -80,6 +80,7 @@ import argparse
 import ast
 import bisect
 import contextlib
+import itertools
 import mmap
 import os
 import shutil
@@ -238,10 +239,11 @@ def _int64_view(mm, n):
     return np.frombuffer(mm, "<i8", n)
 
 
-def _byte_view(chunk):
-    if isinstance(chunk, np.ndarray):  # memoryview refuses datetime64 and some structured dtypes
-        return memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
-    return memoryview(chunk).cast("B")
+def _buffer(chunk):
+    """chunk as a C-contiguous buffer for os.writev (numpy exports none for datetimes)."""
+    if isinstance(chunk, np.ndarray) and (chunk.dtype.kind in "MmV" or not chunk.flags.c_contiguous):
+        return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+    return chunk
 
 
 def _write_all(fd, offset, chunks):
@@ -255,17 +257,21 @@ def _write_all(fd, offset, chunks):
 
 def _write_here(fd, chunks):
     """Write chunks at the descriptor's current position; returns the byte count."""
-    views = [v for v in map(_byte_view, chunks) if v.nbytes]
-    total = sum(v.nbytes for v in views)
-    while views:
+    buffers = [_buffer(c) for c in chunks]
+    sizes = [b.nbytes if isinstance(b, np.ndarray) else len(b) for b in buffers]
+    total, done = sum(sizes), 0
+    while done < len(buffers):
+        group = buffers[done:done + 1024]
         if hasattr(os, "writev"):  # one system call for many small samples
-            written = os.writev(fd, views[:1024])
+            written = os.writev(fd, group)
         else:  # pragma: no cover - Windows
-            written = os.write(fd, views[0])
-        while views and written >= views[0].nbytes:
-            written -= views.pop(0).nbytes
-        if written:
-            views[0] = views[0][written:]
+            written = os.write(fd, group[0])
+        while done < len(buffers) and written >= sizes[done]:
+            written -= sizes[done]
+            done += 1
+        if written:  # a partial write (rare): continue inside this buffer
+            rest = memoryview(buffers[done]).cast("B")[written:]
+            buffers[done], sizes[done] = rest, rest.nbytes
     return total
 
 
@@ -277,6 +283,8 @@ def _set_length(fd, n):
 
 def _as_sample(value, path, dtype=None):
     """value as an ndarray that can be stored; refuses objects and impossible casts up front."""
+    if type(value) is np.ndarray and (dtype is None or value.dtype == dtype) and not value.dtype.hasobject:
+        return value  # the common case, checked cheaply
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as e:  # ragged nested lists and the like
@@ -412,7 +420,9 @@ def _indices(item, n, path):
     if idx.dtype.kind not in "iu" or idx.ndim != 1:
         raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
                         f"boolean mask, got {_short(item)}")
-    idx = idx.astype(np.int64)
+    idx = idx.astype(np.int64, copy=False)
+    if idx.min() >= 0 and idx.max() < n:  # the common case: two reductions, no copies
+        return idx
     bad = (idx < -n) | (idx >= n)
     if bad.any():
         raise IndexError(f"{path}: index {int(idx[bad][0])} is out of range for {n} samples")
@@ -820,8 +830,9 @@ class _RaggedWriter:
         data.commit(self.durable)
         if not self.raw:
             if self.nested is not None:
-                self.nested.append([np.asarray(s, np.int64) for s in shapes],
-                                   [len(s) for s in shapes], [(len(s),) for s in shapes])
+                dims = [len(s) for s in shapes]
+                flat_shapes = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, sum(dims))
+                self.nested.append([flat_shapes], dims, [(k,) for k in dims])
             else:
                 # a 0-d sample is recorded as length 0 with 1 element (the published layout)
                 self._column("shapes", n, np.asarray([s[0] if s else 0 for s in shapes], np.int64))
@@ -858,8 +869,7 @@ def _write_new_ragged(store_dir, arrays, durable=False):
     writer = _RaggedWriter(store_dir, durable)
     try:
         writer.sync()
-        writer.append([a.reshape(-1) for a in arrays if a.size], [a.size for a in arrays],
-                      [a.shape for a in arrays])
+        writer.append(arrays, [a.size for a in arrays], [a.shape for a in arrays])
     finally:
         writer.close()
 
@@ -968,21 +978,28 @@ class _Sequence:
         return self._n
 
     def __iter__(self):
-        get = self._get
         for i in range(self._n):
-            yield get(i)
+            yield self[i]
 
-    def __getitem__(self, item):
-        if type(item) is int:  # the hot path: one sample
-            n = self._n
-            if item < 0:
-                item += n
-            if not 0 <= item < n:
-                raise IndexError(f"{self.out_dir}: index {item} is out of range for {n} samples")
-            return self._get(item)
+    def _get(self, i):
+        """Sample i (0 <= i < len): maps what this object appended since it last mapped."""
+        if i >= self._mapped:
+            self._ensure_mapped(i + 1)
+        return self[i]
+
+    def _get_other(self, item):
+        """Indexing other than by a Python int (the subclasses' hot path)."""
         if _is_int(item):
             return self[int(item)]
         return self._get_many(_indices(item, self._n, self.out_dir))
+
+    def _appended(self, n):
+        """After an append: the maps no longer cover every sample, so the hot path (which
+        indexes them) must miss once and remap."""
+        self._n = n
+        self._mapped = 0
+        self._starts = self._ends = _int64_view(None, 0)
+        self.__dict__.pop("_np_views", None)
 
     def get_single(self, item):
         return self[int(item)]
@@ -991,8 +1008,20 @@ class _Sequence:
         return self[item]
 
     def _get_many(self, idx):
-        get = self._get
-        return [get(i) for i in idx.tolist()]
+        self._map_all()
+        return [self[i] for i in idx.tolist()]
+
+    def _map_all(self):
+        if self._mapped < self._n:
+            self._ensure_mapped(self._n)
+
+    def _gather(self, name, idx):
+        """column[idx] for an int64 index view, as a numpy array (vectorized batch lookups)."""
+        arrays = self.__dict__.setdefault("_np_views", {})
+        view = arrays.get(name)
+        if view is None:
+            view = arrays[name] = np.asarray(getattr(self, name))
+        return view[idx]
 
     def __setitem__(self, key, value):
         if _is_int(key):
@@ -1152,33 +1181,53 @@ class RaggedMmap(_Sequence):
         self._nested = False
         self._n = self._mapped = 0
 
-    def _get(self, i):
-        if i >= self._mapped:  # samples this object appended since it mapped its files
-            self._ensure_mapped(i + 1)
-        start, end = self._starts[i], self._ends[i]
-        if self._nested:
-            sample = self._data[start:end].reshape(tuple(self._shape_data[self._shape_starts[i]:self._shape_ends[i]]))
-        elif end - start == 1 and self._flat_shapes[i] == 0:
-            sample = self._data[start:end].reshape(())  # a 0-d sample
-        else:
+    def __getitem__(self, item):
+        # The hot path, kept to one Python call: the int64 views hold exactly the mapped
+        # samples, take Python and numpy ints and wrap negative indices.
+        try:
+            start = self._starts[item]
+            end = self._ends[item]
             sample = self._data[start:end]
+        except IndexError:  # out of range, or appended since this object mapped its files
+            return self._get(self._norm_index(item))
+        except TypeError:  # a slice, a list, a mask: start/end are not ints
+            return self._get_other(item)
+        if self._nested:
+            sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
+        elif end - start == 1 and not self._flat_shapes[item]:
+            sample = sample.reshape(())  # a 0-d sample
         if self.wrapper_fn is None:
             return sample
         return self.wrapper_fn(sample.copy() if self.copy_before_wrapper_fn else sample)
 
     def _get_many(self, idx):
-        if len(idx) and int(idx.max()) >= self._mapped:
-            self._ensure_mapped(int(idx.max()) + 1)
-        if self._nested or self.wrapper_fn is not None or self._n == 0:
+        self._map_all()
+        if self.wrapper_fn is not None or self._n == 0:
             return super()._get_many(idx)
-        starts = np.asarray(self._starts)[idx].tolist()
-        ends = np.asarray(self._ends)[idx].tolist()
+        starts = self._gather("_starts", idx).tolist()
+        ends = self._gather("_ends", idx).tolist()
         data = self._data
+        if self._nested:
+            shapes = self._shapes_of(idx)
+            return [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
         out = [data[s:e] for s, e in zip(starts, ends)]
         for k, (s, e) in enumerate(zip(starts, ends)):
             if e - s == 1 and self._flat_shapes[int(idx[k])] == 0:
                 out[k] = out[k].reshape(())
         return out
+
+    def _shapes_of(self, idx):
+        """The shapes of samples idx (mapped, non-negative) as lists, looked up vectorized."""
+        if not self._nested:
+            lengths = (self._gather("_ends", idx) - self._gather("_starts", idx)).tolist()
+            flat = self._gather("_flat_shapes", idx).tolist()
+            return [[] if (n == 1 and not f) else [n] for n, f in zip(lengths, flat)]
+        a, b = self._gather("_shape_starts", idx), self._gather("_shape_ends", idx)
+        dims = b - a
+        shape_data = self._gather("_shape_data", slice(None))
+        if len(idx) and (dims == dims[0]).all():  # one ndim: a single 2-D gather
+            return shape_data[a[:, None] + np.arange(dims[0])].tolist()
+        return [shape_data[x:y].tolist() for x, y in zip(a.tolist(), b.tolist())]
 
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
@@ -1203,9 +1252,8 @@ class RaggedMmap(_Sequence):
         ``collate_fn`` or a batch sampler.
         """
         idx = _indices(indices, self._n, self.out_dir)
-        if len(idx):
-            self._ensure_mapped(int(idx.max()) + 1)
-        shapes = [self.shape_of(i) for i in idx.tolist()]
+        self._map_all()
+        shapes = [tuple(s) for s in self._shapes_of(idx)]
         if len({len(s) for s in shapes}) > 1:
             raise ValueError(f"{self.out_dir}: get_padded needs samples of one number of "
                              f"dimensions, got shapes {sorted(set(shapes))[:4]}")
@@ -1214,7 +1262,7 @@ class RaggedMmap(_Sequence):
         max_shape = tuple(shapes.max(axis=0).tolist()) if len(idx) else (0,) * ndim
         batch = np.full((len(idx),) + max_shape, pad_value, dtype=self._dtype or np.float64)
         order = np.argsort(idx, kind="stable")
-        starts = np.asarray(self._starts)[idx]
+        starts = self._gather("_starts", idx)
         if ndim == 1:
             lengths = shapes[:, 0]
             width = max_shape[0]
@@ -1243,10 +1291,8 @@ class RaggedMmap(_Sequence):
         if not arrays:
             return
         with self._writing() as writer:
-            dtype = self._prepare(writer, arrays)
-            arrays = [np.require(_as_sample(a, d, dtype), requirements="C") for a in arrays]
-            self._n = writer.append([a.reshape(-1) for a in arrays if a.size],
-                                    [a.size for a in arrays], [a.shape for a in arrays])
+            self._prepare(writer, arrays)  # casts arrays in place to the store dtype
+            self._appended(writer.append(arrays, [a.size for a in arrays], [a.shape for a in arrays]))
 
     def _prepare(self, writer, arrays):
         """Create or adapt the store's metadata for arrays (all cast-checked); returns the dtype."""
@@ -1259,8 +1305,9 @@ class RaggedMmap(_Sequence):
             _write_atomic(join(d, "dtype.ninja"), _dtype_to_text(first_dtype, d).encode(), self.durable)
             writer.close()
             writer.sync()
-        for a in arrays:
-            _as_sample(a, d, writer.dtype)  # refuse the whole batch before writing
+        # cast (and refuse) the whole batch before anything is written
+        arrays[:] = [_as_sample(a, d, writer.dtype) for a in arrays]
+        arrays[:] = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays]
         if needs_nested and writer.nested is None:
             _convert_shapes_to_nested(d, writer.n, self.durable)
             writer.close()
@@ -1472,18 +1519,24 @@ class StringsMmap(_Sequence):
             self._zstd = (int(level), dictionary)
         self._n = self._mapped = n
 
-    def _get(self, i):
-        if i >= self._mapped:
-            self._ensure_mapped(i + 1)
-        raw = self._buf[self._starts[i]:self._ends[i]]
-        if self._zstd is not None:
-            raw = _require_zstd(self.out_dir)[1](raw, self._zstd[1])
-        return raw.decode("utf-8")
+    def __getitem__(self, item):
+        try:  # the hot path, kept to one Python call (see RaggedMmap.__getitem__)
+            raw = self._buf[self._starts[item]:self._ends[item]]
+        except IndexError:  # out of range, or appended since this object mapped its files
+            return self._get(self._norm_index(item))
+        except TypeError:  # a slice, a list, a mask
+            return self._get_other(item)
+        if self._zstd is None:
+            return raw.decode("utf-8")
+        return _require_zstd(self.out_dir)[1](raw, self._zstd[1]).decode("utf-8")
 
     def _get_many(self, idx):
-        if len(idx) and int(idx.max()) >= self._mapped:
-            self._ensure_mapped(int(idx.max()) + 1)
-        return super()._get_many(idx)
+        self._map_all()
+        if self._zstd is not None:
+            return super()._get_many(idx)
+        buf = self._buf
+        starts, ends = self._gather("_starts", idx).tolist(), self._gather("_ends", idx).tolist()
+        return [buf[s:e].decode("utf-8") for s, e in zip(starts, ends)]
 
     def append(self, string):
         """Append one string (crash-safe; O(len(string)))."""
@@ -1504,7 +1557,7 @@ class StringsMmap(_Sequence):
             if self._zstd is not None:
                 compress = _require_zstd(d)[0]
                 encoded = [compress(b, self._zstd[0], self._zstd[1]) for b in encoded]
-            self._n = writer.append([b for b in encoded if b], [len(b) for b in encoded], None)
+            self._appended(writer.append(encoded, [len(b) for b in encoded], None))
 
     def _encode_replacement(self, i, value):
         if not isinstance(value, str):

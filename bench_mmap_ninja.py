@@ -1,0 +1,265 @@
+"""Benchmark for mmap_ninja.py: each operation next to its floor and to one-file-per-sample.
+
+    python bench_mmap_ninja.py            # about a minute; prints a markdown table
+    python bench_mmap_ninja.py --quick    # a few seconds (CI smoke run)
+    python bench_mmap_ninja.py --scale 4  # 4x more samples
+Writes the figures to bench_results.json (see --json). Standard library + numpy only.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+
+import mmap_ninja as mn
+
+
+def best(fn, repeat=5, number=1):
+    """Best wall time of fn over `repeat` runs of `number` calls, in seconds per call."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return min(times)
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, store, op, ours, floor=None, floor_name="", per_file=None, unit="µs", target=""):
+        self.rows.append(dict(store=store, op=op, ours=ours, floor=floor, floor_name=floor_name,
+                              per_file=per_file, unit=unit, target=target))
+
+    def markdown(self):
+        def fmt(v):
+            return "" if v is None else (f"{v:,.2f}" if v < 100 else f"{v:,.0f}")
+        lines = ["| store | operation | mmap_ninja | floor | ratio | one file per sample | target |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            ratio = ""
+            if r["floor"]:
+                ratio = f"{r['ours'] / r['floor']:.2f}×" if r["unit"] != "MB/s" else f"{r['ours'] / r['floor']:.0%}"
+            floor = f"{fmt(r['floor'])} ({r['floor_name']})" if r["floor"] is not None else ""
+            per_file = f"{fmt(r['per_file'])} {r['unit']}" if r["per_file"] is not None else ""
+            lines.append(f"| {r['store']} | {r['op']} | {fmt(r['ours'])} {r['unit']} | {floor} | {ratio} | {per_file} | {r['target']} |")
+        return "\n".join(lines)
+
+
+def ragged_bench(tmp, table, n, rng):
+    shapes = [(int(rng.integers(8, 24)), int(rng.integers(8, 24)), 3) for _ in range(n)]  # ~1-2 KB images
+    samples = [rng.integers(0, 255, s, dtype=np.uint8) for s in shapes]
+    nbytes = sum(s.nbytes for s in samples)
+    d = os.path.join(tmp, "ragged")
+    t = best(lambda: mn.RaggedMmap.from_generator(d, iter(samples), 4096), repeat=3)
+    write_floor = best(lambda: plain_write(os.path.join(tmp, "plain.bin"), samples), repeat=3)
+    per_file_dir = os.path.join(tmp, "npy")
+    os.makedirs(per_file_dir, exist_ok=True)
+    k = min(n, 2000)
+    t_files = best(lambda: [np.save(os.path.join(per_file_dir, f"{i}.npy"), samples[i]) for i in range(k)], repeat=1)
+    table.add("ragged (images)", "create from generator", nbytes / t / 1e6, nbytes / write_floor / 1e6,
+              "plain f.write", per_file=samples[0].nbytes * k / t_files / 1e6 if k else None, unit="MB/s",
+              target="≥3× 0.8.2")
+    store = mn.RaggedMmap(d)
+    flat = np.concatenate([s.reshape(-1) for s in samples])
+    offs = np.concatenate([[0], np.cumsum([s.size for s in samples])])
+    idx = [int(i) for i in rng.integers(0, n, 4096)]
+
+    def floor_get():
+        for i in idx:
+            flat[offs[i]:offs[i + 1]].reshape(shapes[i])
+
+    def ours_get():
+        for i in idx:
+            store[i]
+
+    def files_get():
+        for i in idx[:500]:
+            np.load(os.path.join(per_file_dir, f"{i % k}.npy"))
+    floor = best(floor_get) / len(idx) * 1e6
+    table.add("ragged (images)", "random get", best(ours_get) / len(idx) * 1e6, floor, "in-memory slice",
+              per_file=best(files_get, repeat=3) / 500 * 1e6, target="≤1.5×")
+    table.add("ragged (images)", "sequential iteration", best(lambda: list(store), repeat=3) / n * 1e6, floor,
+              "in-memory slice")
+    batch = np.asarray(idx[:256])
+    table.add("ragged (images)", "batch get (256 idx)", best(lambda: store[batch], number=20) / 256 * 1e6,
+              floor, "in-memory slice", target="≤1×")
+    flat_samples = [rng.integers(0, 1000, int(rng.integers(20, 200)), dtype=np.int32) for _ in range(n)]
+    fd = os.path.join(tmp, "ragged_flat")
+    flat_store = mn.RaggedMmap.from_lists(fd, flat_samples, mode="r")
+    ff = np.concatenate(flat_samples)
+    fo = np.concatenate([[0], np.cumsum([len(s) for s in flat_samples])])
+    fshapes = [s.shape for s in flat_samples]
+
+    def floor_flat():
+        for i in idx:
+            ff[fo[i]:fo[i + 1]].reshape(fshapes[i])
+
+    def ours_flat():
+        for i in idx:
+            flat_store[i]
+    table.add("ragged (1-D)", "random get", best(ours_flat) / len(idx) * 1e6, best(floor_flat) / len(idx) * 1e6,
+              "in-memory slice", target="≤1.5×")
+    table.add("ragged (1-D)", "batch get (256 idx)", best(lambda: flat_store[batch], number=20) / 256 * 1e6,
+              best(floor_flat) / len(idx) * 1e6, "in-memory slice", target="≤1×")
+    table.add("ragged (1-D)", "get_padded (256 idx)", best(lambda: flat_store.get_padded(batch), number=20) / 256 * 1e6,
+              best(floor_flat) / len(idx) * 1e6, "in-memory slice")
+    shutil.rmtree(per_file_dir)
+
+
+def plain_write(path, samples):
+    with open(path, "wb") as f:
+        for s in samples:
+            f.write(s)
+
+
+def large_sample_bench(tmp, table, count):
+    rng = np.random.default_rng(5)
+    samples = [rng.integers(0, 255, 1 << 20, dtype=np.uint8) for _ in range(count)]  # 1 MB samples
+    nbytes = count << 20
+    floor = best(lambda: plain_write(os.path.join(tmp, "big.bin"), samples), repeat=3)
+    ragged = best(lambda: mn.RaggedMmap.from_generator(os.path.join(tmp, "bigr"), iter(samples), 64), repeat=3)
+    numpy_t = best(lambda: mn.np_from_generator(os.path.join(tmp, "bign"), iter(samples), 64), repeat=3)
+    table.add("ragged (1 MB samples)", "create from generator", nbytes / ragged / 1e6, nbytes / floor / 1e6,
+              "plain f.write", unit="MB/s", target="≥25%")
+    table.add("numpy (1 MB rows)", "create from generator", nbytes / numpy_t / 1e6, nbytes / floor / 1e6,
+              "plain f.write", unit="MB/s", target="≥25%")
+    # memory: peak traced allocations while converting, in batches of 16 samples (16 MB)
+    def gen():
+        for _ in range(count):
+            yield rng.integers(0, 255, 1 << 20, dtype=np.uint8)
+    tracemalloc.start()
+    mn.RaggedMmap.from_generator(os.path.join(tmp, "bigm"), gen(), 16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    table.add("ragged (1 MB samples)", "peak memory / one batch", peak / (16 << 20), None, unit="×",
+              target="≤2.5×")
+
+
+def strings_bench(tmp, table, n, rng):
+    words = ["".join(random.choices("abcdefghij klmnopqrstuvwxyzü", k=random.randint(30, 70))) for _ in range(n)]
+    nbytes = sum(len(w.encode()) for w in words)
+    d = os.path.join(tmp, "strings")
+    t = best(lambda: mn.StringsMmap.from_generator(d, iter(words), 4096), repeat=3)
+    encoded = [w.encode() for w in words]
+    floor_w = best(lambda: plain_write(os.path.join(tmp, "s.bin"), encoded), repeat=3)
+    txt_dir = os.path.join(tmp, "txt")
+    os.makedirs(txt_dir, exist_ok=True)
+    k = min(n, 2000)
+
+    def write_txt():
+        for i in range(k):
+            with open(os.path.join(txt_dir, f"{i}.txt"), "w", encoding="utf-8") as f:
+                f.write(words[i])
+    t_txt = best(write_txt, repeat=1)
+    table.add("strings (~50 B)", "create from generator", nbytes / t / 1e6, nbytes / floor_w / 1e6,
+              "plain f.write", per_file=nbytes / n * k / t_txt / 1e6, unit="MB/s", target="≥3× 0.8.2")
+    store = mn.StringsMmap(d)
+    buf = b"".join(encoded)
+    offs = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).tolist()
+    idx = [int(i) for i in rng.integers(0, n, 4096)]
+
+    def floor_get():
+        for i in idx:
+            buf[offs[i]:offs[i + 1]].decode()
+
+    def ours_get():
+        for i in idx:
+            store[i]
+
+    def files_get():
+        for i in idx[:500]:
+            with open(os.path.join(txt_dir, f"{i % k}.txt"), encoding="utf-8") as f:
+                f.read()
+    table.add("strings (~50 B)", "random get", best(ours_get) / len(idx) * 1e6, best(floor_get) / len(idx) * 1e6,
+              "bytes slice + decode", per_file=best(files_get, repeat=3) / 500 * 1e6, target="≤1.5×")
+    table.add("strings (~50 B)", "batch get (256 idx)", best(lambda: store[idx[:256]], number=20) / 256 * 1e6,
+              best(floor_get) / len(idx) * 1e6, "bytes slice + decode", target="≤1×")
+    shutil.rmtree(txt_dir)
+
+
+def numpy_bench(tmp, table, n, rng):
+    arr = rng.random((n, 64), dtype=np.float32)
+    d = os.path.join(tmp, "np")
+    t = best(lambda: mn.np_from_ndarray(d, arr), repeat=3)
+    floor = best(lambda: plain_write(os.path.join(tmp, "np.bin"), [arr]), repeat=3)
+    table.add("numpy (64 float32 rows)", "create from array", arr.nbytes / t / 1e6, arr.nbytes / floor / 1e6,
+              "plain f.write", unit="MB/s")
+    m = mn.np_open_existing(d)
+    idx = [int(i) for i in rng.integers(0, n, 4096)]
+
+    def ours():
+        for i in idx:
+            m[i]
+
+    def floor_get():
+        for i in idx:
+            arr[i]
+    table.add("numpy (64 float32 rows)", "random get", best(ours) / len(idx) * 1e6, best(floor_get) / len(idx) * 1e6,
+              "in-memory row (np.memmap is numpy's)")
+    row = np.ones((1, 64), np.float32)
+    table.add("numpy (64 float32 rows)", "np_extend_dir (1 row)", best(lambda: mn.np_extend_dir(d, row), number=50) * 1e6)
+
+
+def scaling_bench(tmp, table, small, large):
+    """open and append cost at `small` and `large` samples (tiny samples, to keep creation quick)."""
+    results = {}
+    for n in (small, large):
+        d = os.path.join(tmp, f"scale{n}")
+        s = os.path.join(tmp, f"scales{n}")
+        lengths = np.random.default_rng(n).integers(1, 8, n)
+        mn.RaggedMmap.from_generator(d, (np.full(k, 7, np.uint8) for k in lengths), 1 << 16)
+        mn.StringsMmap.from_generator(s, ("x" * int(k) for k in lengths), 1 << 16)
+        store, strings = mn.RaggedMmap(d), mn.StringsMmap(s)
+        sample = np.arange(10, dtype=np.uint8)
+        results[n] = dict(
+            open=best(lambda: mn.RaggedMmap(d), number=50) * 1e6,
+            append=best(lambda: store.append(sample), number=200) * 1e6,
+            open_s=best(lambda: mn.StringsMmap(s), number=50) * 1e6,
+            append_s=best(lambda: strings.append("hello world"), number=200) * 1e6)
+        store.close()
+        strings.close()
+    a, b = results[small], results[large]
+    for key, store, op in (("open", "ragged", "open"), ("append", "ragged", "append 1 sample"),
+                           ("open_s", "strings", "open"), ("append_s", "strings", "append 1 string")):
+        table.add(store, f"{op} at {large:,} samples", b[key], a[key], f"same at {small:,}",
+                  target="≤1.5×" + (", <100 µs" if "append" in key else ""))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the sample counts")
+    parser.add_argument("--json", default="bench_results.json", help="where to write the figures")
+    args = parser.parse_args()
+    scale = args.scale * (0.05 if args.quick else 1.0)
+    n = max(500, int(20_000 * scale))
+    rng = np.random.default_rng(0)
+    random.seed(0)
+    table = Table()
+    tmp = tempfile.mkdtemp(prefix="ninja-bench-")
+    try:
+        ragged_bench(tmp, table, n, rng)
+        strings_bench(tmp, table, n * 5, rng)
+        numpy_bench(tmp, table, n * 5, rng)
+        large_sample_bench(tmp, table, max(8, int(256 * scale)))
+        scaling_bench(tmp, table, max(200, int(20_000 * scale)), max(2000, int(2_000_000 * scale)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}"
+    print(f"mmap_ninja {mn.__version__} on {machine}\n")
+    print(table.markdown())
+    with open(args.json, "w") as f:
+        json.dump({"machine": machine, "version": mn.__version__, "rows": table.rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
