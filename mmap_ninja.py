@@ -824,7 +824,10 @@ class _RaggedWriter:
         """Append after the cached count (call sync first). payload: byte chunks; sizes: element
         counts; shapes: tuples (None for a strings store). Returns the new count."""
         n, start = self.n, self.end
-        offsets = np.cumsum(np.asarray([start] + list(sizes), dtype=np.int64))
+        offsets = np.empty(len(sizes) + 1, np.int64)
+        offsets[0] = start
+        np.cumsum(np.array(sizes, np.int64), out=offsets[1:])
+        offsets[1:] += start
         data = self._col("data")
         data.write(start, payload, int(offsets[-1] - start), self.durable)
         data.commit(self.durable)
@@ -1387,13 +1390,11 @@ def _clear_store(out_dir):
 
 
 def _batched(iterable, batch_size):
-    batch = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
+    iterator = iter(iterable)
+    while True:
+        batch = list(itertools.islice(iterator, batch_size))
+        if not batch:
+            return
         yield batch
 
 
@@ -1545,19 +1546,22 @@ class StringsMmap(_Sequence):
     def extend(self, list_of_strings, verbose=False):
         """Append strings; a non-str item refuses the whole call before anything is written."""
         d = self.out_dir
-        strings = list(list_of_strings)
-        for s in strings:
-            if not isinstance(s, str):
-                raise TypeError(f"{d}: StringsMmap holds str only, got {type(s).__name__} "
-                                f"{_short(s)}; decode bytes or convert with str() first")
+        strings = list_of_strings if type(list_of_strings) is list and not verbose else \
+            list(_progress(list_of_strings, desc="strings", verbose=verbose))
+        bad = None
+        if not {str}.issuperset(map(type, strings)):  # quick; str subclasses take the slow check
+            bad = next((s for s in strings if not isinstance(s, str)), None)
+        if bad is not None:
+            raise TypeError(f"{d}: StringsMmap holds str only, got {type(bad).__name__} "
+                            f"{_short(bad)}; decode bytes or convert with str() first")
         if not strings:
             return
-        encoded = [s.encode("utf-8") for s in _progress(strings, desc="strings", verbose=verbose)]
+        encoded = list(map(str.encode, strings))  # UTF-8; refuses lone surrogates before writing
         with self._writing() as writer:
             if self._zstd is not None:
                 compress = _require_zstd(d)[0]
                 encoded = [compress(b, self._zstd[0], self._zstd[1]) for b in encoded]
-            self._appended(writer.append(encoded, [len(b) for b in encoded], None))
+            self._appended(writer.append([b"".join(encoded)], list(map(len, encoded)), None))
 
     def _encode_replacement(self, i, value):
         if not isinstance(value, str):
