@@ -31,6 +31,18 @@ def best(fn, repeat=5, number=1):
     return min(times)
 
 
+def best_of_each(fns, repeat=5):
+    """Best time of each function, run round-robin so that page-cache writeback and other
+    load fall on all of them alike (write figures swing a lot otherwise)."""
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return [min(t) for t in times]
+
+
 class Table:
     def __init__(self):
         self.rows = []
@@ -59,8 +71,8 @@ def ragged_bench(tmp, table, n, rng):
     samples = [rng.integers(0, 255, s, dtype=np.uint8) for s in shapes]
     nbytes = sum(s.nbytes for s in samples)
     d = os.path.join(tmp, "ragged")
-    t = best(lambda: mn.RaggedMmap.from_generator(d, iter(samples), 4096), repeat=3)
-    write_floor = best(lambda: plain_write(os.path.join(tmp, "plain.bin"), samples), repeat=3)
+    t, write_floor = best_of_each([lambda: mn.RaggedMmap.from_generator(d, iter(samples), 4096),
+                                   lambda: plain_write(os.path.join(tmp, "plain.bin"), samples)])
     per_file_dir = os.path.join(tmp, "npy")
     os.makedirs(per_file_dir, exist_ok=True)
     k = min(n, 2000)
@@ -125,9 +137,10 @@ def large_sample_bench(tmp, table, count):
     rng = np.random.default_rng(5)
     samples = [rng.integers(0, 255, 1 << 20, dtype=np.uint8) for _ in range(count)]  # 1 MB samples
     nbytes = count << 20
-    floor = best(lambda: plain_write(os.path.join(tmp, "big.bin"), samples), repeat=3)
-    ragged = best(lambda: mn.RaggedMmap.from_generator(os.path.join(tmp, "bigr"), iter(samples), 64), repeat=3)
-    numpy_t = best(lambda: mn.np_from_generator(os.path.join(tmp, "bign"), iter(samples), 64), repeat=3)
+    floor, ragged, numpy_t = best_of_each([
+        lambda: plain_write(os.path.join(tmp, "big.bin"), samples),
+        lambda: mn.RaggedMmap.from_generator(os.path.join(tmp, "bigr"), iter(samples), 64),
+        lambda: mn.np_from_generator(os.path.join(tmp, "bign"), iter(samples), 64)])
     table.add("ragged (1 MB samples)", "create from generator", nbytes / ragged / 1e6, nbytes / floor / 1e6,
               "plain f.write", unit="MB/s", target="≥25%")
     table.add("numpy (1 MB rows)", "create from generator", nbytes / numpy_t / 1e6, nbytes / floor / 1e6,
@@ -148,9 +161,9 @@ def strings_bench(tmp, table, n, rng):
     words = ["".join(random.choices("abcdefghij klmnopqrstuvwxyzü", k=random.randint(30, 70))) for _ in range(n)]
     nbytes = sum(len(w.encode()) for w in words)
     d = os.path.join(tmp, "strings")
-    t = best(lambda: mn.StringsMmap.from_generator(d, iter(words), 4096), repeat=3)
     encoded = [w.encode() for w in words]
-    floor_w = best(lambda: plain_write(os.path.join(tmp, "s.bin"), encoded), repeat=3)
+    t, floor_w = best_of_each([lambda: mn.StringsMmap.from_generator(d, iter(words), 4096),
+                               lambda: plain_write(os.path.join(tmp, "s.bin"), encoded)])
     txt_dir = os.path.join(tmp, "txt")
     os.makedirs(txt_dir, exist_ok=True)
     k = min(n, 2000)
@@ -189,8 +202,8 @@ def strings_bench(tmp, table, n, rng):
 def numpy_bench(tmp, table, n, rng):
     arr = rng.random((n, 64), dtype=np.float32)
     d = os.path.join(tmp, "np")
-    t = best(lambda: mn.np_from_ndarray(d, arr), repeat=3)
-    floor = best(lambda: plain_write(os.path.join(tmp, "np.bin"), [arr]), repeat=3)
+    t, floor = best_of_each([lambda: mn.np_from_ndarray(d, arr),
+                             lambda: plain_write(os.path.join(tmp, "np.bin"), [arr])])
     table.add("numpy (64 float32 rows)", "create from array", arr.nbytes / t / 1e6, arr.nbytes / floor / 1e6,
               "plain f.write", unit="MB/s")
     m = mn.np_open_existing(d)
@@ -203,8 +216,15 @@ def numpy_bench(tmp, table, n, rng):
     def floor_get():
         for i in idx:
             arr[i]
-    table.add("numpy (64 float32 rows)", "random get", best(ours) / len(idx) * 1e6, best(floor_get) / len(idx) * 1e6,
-              "in-memory row (np.memmap is numpy's)")
+    table.add("numpy (64 float32 rows)", "random get (np.memmap: numpy's own)", best(ours) / len(idx) * 1e6,
+              best(floor_get) / len(idx) * 1e6, "in-memory row")
+    plain = np.asarray(m)
+
+    def ours_plain():
+        for i in idx:
+            plain[i]
+    table.add("numpy (64 float32 rows)", "random get via np.asarray(memmap)", best(ours_plain) / len(idx) * 1e6,
+              best(floor_get) / len(idx) * 1e6, "in-memory row")
     row = np.ones((1, 64), np.float32)
     table.add("numpy (64 float32 rows)", "np_extend_dir (1 row)", best(lambda: mn.np_extend_dir(d, row), number=50) * 1e6)
 

@@ -572,23 +572,22 @@ def np_from_generator(out_dir, sample_generator, batch_size, verbose=False):
 
 
 def np_extend_dir(out_dir, arr, durable=False):
-    """Append the rows of ``arr`` to the numpy store in ``out_dir`` (crash-safe, O(len(arr)));
-    returns the store reopened as a read-only ``np.memmap``."""
+    """Append the rows of ``arr`` to the numpy store in ``out_dir`` (crash-safe, O(len(arr))).
+    Arrays already open keep their length (a snapshot); ``np_open_existing`` sees the rows."""
     out_dir = os.fspath(out_dir)
     with _NumpyWriter(out_dir, durable) as writer:
         writer.extend(arr)
-    return _open_memmap(out_dir)
 
 
 def np_extend(np_mmap, arr, durable=False):
     """Append the rows of ``arr`` to the store that ``np_mmap`` was opened from."""
-    return np_extend_dir(_memmap_dir(np_mmap), arr, durable)
+    np_extend_dir(_memmap_dir(np_mmap), arr, durable)
 
 
 def np_append(np_mmap, sample, durable=False):
     """Append one sample (one row) to the store that ``np_mmap`` was opened from."""
     out_dir = _memmap_dir(np_mmap)
-    return np_extend_dir(out_dir, np.expand_dims(_as_sample(sample, out_dir), 0), durable)
+    np_extend_dir(out_dir, np.expand_dims(_as_sample(sample, out_dir), 0), durable)
 
 
 def _memmap_dir(np_mmap):
@@ -923,53 +922,51 @@ class _Sequence:
     path (reopened lazily in the receiving process), close() and ``with``."""
 
     _kind = None
-
-    def __getattr__(self, name):
-        # Only reached for attributes not set yet: a store unpickled in another process maps its
-        # files on first use; a closed store says so.
-        state = self.__dict__
-        if not name.startswith("_") or name.startswith("__") or "out_dir" not in state or state.get("_loading"):
-            raise AttributeError(name)
-        if state.get("_closed"):
-            raise ValueError(f"{state['out_dir']}: the store is closed")
-        state["_loading"] = True
-        try:
-            self._load(state.get("_snapshot"))
-        finally:
-            state["_loading"] = False
-        return object.__getattribute__(self, name)
+    # Note for maintainers: no __getattr__ and no self.__dict__ here. Either one stops CPython
+    # from specializing attribute access, which costs ~70 ns on every __getitem__.
 
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k in self._config_keys}
-        state["_snapshot"] = self._n
+        state = {key: getattr(self, key) for key in self._config_keys}
+        state["_n"] = self._n  # the receiver sees the sender's snapshot
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        """Unpickled (in a worker, say): nothing is mapped until the first read."""
+        self._init_state()
+        for key, value in state.items():
+            setattr(self, key, value)
 
-    def _open_maps(self):
-        self.__dict__.setdefault("_maps", [])
+    def _init_state(self):
+        self._writer, self._closed, self._maps, self._n = None, False, [], 0
+        self._dtype = self._zstd = None
+        self._nested = False
+        self._release(keep_writer=True)
+
+    def _unmap(self):
+        """Inert state: the hot path misses (IndexError) and _ensure_mapped maps the files."""
+        self._mapped = 0
+        self._loaded = False
+        self._starts = self._ends = _int64_view(None, 0)
+        self._np_views = None
 
     def _release(self, keep_writer=False):
-        maps = self.__dict__.get("_maps", [])
-        writer = self.__dict__.get("_writer")
-        if writer is not None and not keep_writer:
-            writer.__del__()
-        for key in list(self.__dict__):
-            if key not in self._config_keys and key not in ("_closed", "_maps") and \
-                    not (keep_writer and key == "_writer"):
-                del self.__dict__[key]
+        if self._writer is not None and not keep_writer:
+            self._writer.__del__()
+            self._writer = None
+        maps, self._maps = self._maps, []
+        self._unmap()
+        self._data = self._buf = self._shape_data = self._shape_starts = self._shape_ends = None
+        self._flat_shapes = None
         for mm in maps:
             try:
                 mm.close()
             except BufferError:  # a sample the caller still holds views this map; GC closes it
                 pass
-        maps.clear()
 
     def close(self):
-        """Release the maps. Samples already returned stay valid until dropped."""
+        """Release the maps and descriptors. Samples already returned stay valid until dropped."""
         self._release()
-        self.__dict__["_closed"] = True
+        self._closed = True
 
     def __enter__(self):
         return self
@@ -1000,9 +997,7 @@ class _Sequence:
         """After an append: the maps no longer cover every sample, so the hot path (which
         indexes them) must miss once and remap."""
         self._n = n
-        self._mapped = 0
-        self._starts = self._ends = _int64_view(None, 0)
-        self.__dict__.pop("_np_views", None)
+        self._unmap()
 
     def get_single(self, item):
         return self[int(item)]
@@ -1020,7 +1015,9 @@ class _Sequence:
 
     def _gather(self, name, idx):
         """column[idx] for an int64 index view, as a numpy array (vectorized batch lookups)."""
-        arrays = self.__dict__.setdefault("_np_views", {})
+        if self._np_views is None:
+            self._np_views = {}
+        arrays = self._np_views
         view = arrays.get(name)
         if view is None:
             view = arrays[name] = np.asarray(getattr(self, name))
@@ -1048,12 +1045,13 @@ class _Sequence:
         """Hold the store's write lock (creating the store if the directory has none) and yield
         its writer, synced with whatever other writers committed."""
         d = self.out_dir
-        writer = self.__dict__.get("_writer")
+        self._check_open()
+        writer = self._writer
         if writer is None:
             os.makedirs(d, exist_ok=True)
             writer = _RaggedWriter(d, self.durable, raw=self._kind == "string")
             writer.lock_fd = os.open(d, os.O_RDONLY)
-            self.__dict__["_writer"] = writer
+            self._writer = writer
         locked = False
         if fcntl is not None:
             try:
@@ -1090,11 +1088,17 @@ class _Sequence:
                 finally:
                     os.close(fd)
 
+    def _check_open(self):
+        if self._closed:
+            raise ValueError(f"{self.out_dir}: the store is closed")
+
     def _ensure_mapped(self, n_needed):
-        if n_needed > self._mapped:
+        if n_needed > self._mapped or not self._loaded:
+            self._check_open()
             n = self._n
             self._release(keep_writer=True)
             self._load(n)
+            self._loaded = True
 
     def _index(self, store_dir, n):
         """Map the first n entries of an int64 index store (starts, ends, shapes)."""
@@ -1129,7 +1133,9 @@ class RaggedMmap(_Sequence):
         self.mode = mode
         self.copy_before_wrapper_fn = copy_before_wrapper_fn
         self.durable = durable
+        self._init_state()
         self._load(None)
+        self._loaded = True
 
     def _load(self, snapshot):
         """Map the first `snapshot` samples (all committed ones when None); O(1) in the count."""
@@ -1243,6 +1249,8 @@ class RaggedMmap(_Sequence):
 
     @property
     def dtype(self):
+        """The store's dtype (None for a store that holds nothing yet)."""
+        self._ensure_mapped(0)
         return self._dtype
 
     def get_padded(self, indices, pad_value=0):
@@ -1365,6 +1373,7 @@ class RaggedMmap(_Sequence):
                 if dtype is not None:
                     batch = [np.asarray(s, dtype=dtype) for s in batch]
                 writer.extend(batch)
+                batch.clear()  # let the samples go before the next batch is read
         if not os.path.exists(os.path.join(out_dir, "type.ninja")):
             _create_ragged(out_dir, np.dtype(dtype or np.float64), nested=False, durable=durable)
         return cls(out_dir, wrapper_fn=wrapper_fn, mode=mode,
@@ -1486,7 +1495,9 @@ class StringsMmap(_Sequence):
         self.out_dir = os.fspath(out_dir)
         self.mode = mode
         self.durable = durable
+        self._init_state()
         self._load(None)
+        self._loaded = True
 
     def _load(self, snapshot):
         d, join = self.out_dir, os.path.join
@@ -1602,6 +1613,7 @@ class StringsMmap(_Sequence):
         with cls(out_dir, durable=durable) as writer:
             for batch in _batched(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536):
                 writer.extend(batch)
+                batch.clear()
         return cls(out_dir, mode=mode, durable=durable)
 
     @classmethod
