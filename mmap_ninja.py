@@ -82,6 +82,7 @@ import bisect
 import contextlib
 import itertools
 import mmap
+import operator
 import os
 import shutil
 import struct
@@ -978,8 +979,9 @@ class _Sequence:
         return self._n
 
     def __iter__(self):
-        for i in range(self._n):
-            yield self[i]
+        n = self._n
+        for start in range(0, n, 256):  # batch reads: cheaper per sample than self[i]
+            yield from self._get_other(slice(start, min(start + 256, n)))
 
     def _get(self, i):
         """Sample i (0 <= i < len): maps what this object appended since it last mapped."""
@@ -988,10 +990,27 @@ class _Sequence:
         return self[i]
 
     def _get_other(self, item):
-        """Indexing other than by a Python int (the subclasses' hot path)."""
+        """Indexing other than by a Python int (the subclasses' hot path): a list of samples."""
         if _is_int(item):
             return self[int(item)]
-        return self._get_many(_indices(item, self._n, self.out_dir))
+        self._map_all()
+        if type(item) is list and item and len(item) != self._n and type(item[0]) is not bool:
+            try:  # the lookups themselves check each key's type and range (negatives wrap)
+                return self._build(item, self._lookup(item, "_starts", "_ends"))
+            except (IndexError, TypeError):
+                pass  # _indices below says what is wrong
+        idx = _indices(item, self._n, self.out_dir)
+        return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
+
+    def _lookup(self, keys, *names):
+        """column[k] for k in keys, for each named int64 view: a numpy gather for an index
+        array, else one itemgetter call (C) over the view."""
+        if isinstance(keys, np.ndarray):
+            return [self._gather(name, keys).tolist() for name in names]
+        get = operator.itemgetter(*keys)
+        if len(keys) == 1:
+            return [(get(getattr(self, name)),) for name in names]
+        return [get(getattr(self, name)) for name in names]
 
     def _appended(self, n):
         """After an append: the maps no longer cover every sample, so the hot path (which
@@ -1004,10 +1023,6 @@ class _Sequence:
 
     def get_multiple(self, item):
         return self[item]
-
-    def _get_many(self, idx):
-        self._map_all()
-        return [self[i] for i in idx.tolist()]
 
     def _map_all(self):
         if self._mapped < self._n:
@@ -1041,9 +1056,9 @@ class _Sequence:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _writing(self):
-        """Hold the store's write lock (creating the store if the directory has none) and yield
-        its writer, synced with whatever other writers committed."""
+    def _writing(self, dtype=np.float64, nested=False):
+        """Hold the store's write lock (creating the store, with dtype and nested shapes, if the
+        directory has none) and yield its writer, synced with what other writers committed."""
         d = self.out_dir
         self._check_open()
         writer = self._writer
@@ -1061,8 +1076,7 @@ class _Sequence:
                 pass
         try:
             if not os.path.exists(os.path.join(d, "type.ninja")):
-                # placeholder dtype: an empty store takes its first samples' dtype
-                _create_ragged(d, np.float64, False, raw=writer.raw, durable=self.durable)
+                _create_ragged(d, dtype, nested, raw=writer.raw, durable=self.durable)
             writer.sync()
             yield writer
         except BaseException:
@@ -1209,33 +1223,34 @@ class RaggedMmap(_Sequence):
             return sample
         return self.wrapper_fn(sample.copy() if self.copy_before_wrapper_fn else sample)
 
-    def _get_many(self, idx):
-        self._map_all()
-        if self.wrapper_fn is not None or self._n == 0:
-            return super()._get_many(idx)
-        starts = self._gather("_starts", idx).tolist()
-        ends = self._gather("_ends", idx).tolist()
+    def _build(self, keys, columns):
+        """Samples keys (mapped), given their (starts, ends)."""
+        if self.wrapper_fn is not None:
+            return [self[k] for k in keys]
         data = self._data
+        starts, ends = columns
         if self._nested:
-            shapes = self._shapes_of(idx)
+            shapes = self._shapes_of(keys)
             return [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
         out = [data[s:e] for s, e in zip(starts, ends)]
         for k, (s, e) in enumerate(zip(starts, ends)):
-            if e - s == 1 and self._flat_shapes[int(idx[k])] == 0:
-                out[k] = out[k].reshape(())
+            if e - s == 1 and not self._flat_shapes[keys[k]]:
+                out[k] = out[k].reshape(())  # a 0-d sample
         return out
 
-    def _shapes_of(self, idx):
-        """The shapes of samples idx (mapped, non-negative) as lists, looked up vectorized."""
+    def _shapes_of(self, keys):
+        """The shapes of samples keys (mapped; a list of ints) as lists."""
+        if not len(keys):
+            return []
         if not self._nested:
-            lengths = (self._gather("_ends", idx) - self._gather("_starts", idx)).tolist()
-            flat = self._gather("_flat_shapes", idx).tolist()
-            return [[] if (n == 1 and not f) else [n] for n, f in zip(lengths, flat)]
-        a, b = self._gather("_shape_starts", idx), self._gather("_shape_ends", idx)
+            starts, ends, flat = self._lookup(keys, "_starts", "_ends", "_flat_shapes")
+            return [[] if (e - s == 1 and not f) else [e - s] for s, e, f in zip(starts, ends, flat)]
+        kidx = np.asarray(keys, np.int64)
+        a, b = self._gather("_shape_starts", kidx), self._gather("_shape_ends", kidx)
         dims = b - a
         shape_data = self._gather("_shape_data", slice(None))
-        if len(idx) and (dims == dims[0]).all():  # one ndim: a single 2-D gather
-            return shape_data[a[:, None] + np.arange(dims[0])].tolist()
+        if (dims == dims[0]).all():  # one ndim: gather each axis, zip them into tuples
+            return list(zip(*[shape_data[a + axis].tolist() for axis in range(int(dims[0]))]))
         return [shape_data[x:y].tolist() for x, y in zip(a.tolist(), b.tolist())]
 
     def shape_of(self, i):
@@ -1264,7 +1279,7 @@ class RaggedMmap(_Sequence):
         """
         idx = _indices(indices, self._n, self.out_dir)
         self._map_all()
-        shapes = [tuple(s) for s in self._shapes_of(idx)]
+        shapes = [tuple(s) for s in self._shapes_of(idx.tolist())]
         if len({len(s) for s in shapes}) > 1:
             raise ValueError(f"{self.out_dir}: get_padded needs samples of one number of "
                              f"dimensions, got shapes {sorted(set(shapes))[:4]}")
@@ -1301,18 +1316,17 @@ class RaggedMmap(_Sequence):
         arrays = [_as_sample(s, d) for s in samples]
         if not arrays:
             return
-        with self._writing() as writer:
-            self._prepare(writer, arrays)  # casts arrays in place to the store dtype
-            self._appended(writer.append(arrays, [a.size for a in arrays], [a.shape for a in arrays]))
-
-    def _prepare(self, writer, arrays):
-        """Create or adapt the store's metadata for arrays (all cast-checked); returns the dtype."""
-        d, join = self.out_dir, os.path.join
-        needs_nested = any(a.ndim > 1 for a in arrays)
-        # an empty store has no real dtype yet: its first samples choose it
         dtypes = {a.dtype for a in arrays}  # result_type would drop a byte order: keep a lone dtype
         first_dtype = dtypes.pop() if len(dtypes) == 1 else np.result_type(*dtypes)
-        if writer.n == 0 and writer.dtype != first_dtype:
+        with self._writing(first_dtype, any(a.ndim > 1 for a in arrays)) as writer:
+            self._prepare(writer, arrays, first_dtype)  # casts arrays in place to the store dtype
+            self._appended(writer.append(arrays, [a.size for a in arrays], [a.shape for a in arrays]))
+
+    def _prepare(self, writer, arrays, first_dtype):
+        """Adapt the store's metadata to arrays, and cast them (all, before anything is written)."""
+        d, join = self.out_dir, os.path.join
+        needs_nested = any(a.ndim > 1 for a in arrays)
+        if writer.n == 0 and writer.dtype != first_dtype:  # an empty store takes its first dtype
             _write_atomic(join(d, "dtype.ninja"), _dtype_to_text(first_dtype, d).encode(), self.durable)
             writer.close()
             writer.sync()
@@ -1542,13 +1556,12 @@ class StringsMmap(_Sequence):
             return raw.decode("utf-8")
         return _require_zstd(self.out_dir)[1](raw, self._zstd[1]).decode("utf-8")
 
-    def _get_many(self, idx):
-        self._map_all()
+    def _build(self, keys, columns):
+        """Strings keys (mapped), given their (starts, ends)."""
         if self._zstd is not None:
-            return super()._get_many(idx)
+            return [self[k] for k in keys]
         buf = self._buf
-        starts, ends = self._gather("_starts", idx).tolist(), self._gather("_ends", idx).tolist()
-        return [buf[s:e].decode("utf-8") for s, e in zip(starts, ends)]
+        return [buf[s:e].decode("utf-8") for s, e in zip(*columns)]
 
     def append(self, string):
         """Append one string (crash-safe; O(len(string)))."""
@@ -1559,15 +1572,14 @@ class StringsMmap(_Sequence):
         d = self.out_dir
         strings = list_of_strings if type(list_of_strings) is list and not verbose else \
             list(_progress(list_of_strings, desc="strings", verbose=verbose))
-        bad = None
-        if not {str}.issuperset(map(type, strings)):  # quick; str subclasses take the slow check
-            bad = next((s for s in strings if not isinstance(s, str)), None)
-        if bad is not None:
+        try:  # UTF-8; str.encode refuses non-str items and lone surrogates, before any write
+            encoded = list(map(str.encode, strings))
+        except TypeError:
+            bad = next(s for s in strings if not isinstance(s, str))
             raise TypeError(f"{d}: StringsMmap holds str only, got {type(bad).__name__} "
-                            f"{_short(bad)}; decode bytes or convert with str() first")
-        if not strings:
+                            f"{_short(bad)}; decode bytes or convert with str() first") from None
+        if not encoded:
             return
-        encoded = list(map(str.encode, strings))  # UTF-8; refuses lone surrogates before writing
         with self._writing() as writer:
             if self._zstd is not None:
                 compress = _require_zstd(d)[0]
