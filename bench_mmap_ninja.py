@@ -3,6 +3,8 @@
     python bench_mmap_ninja.py            # about a minute; prints a markdown table
     python bench_mmap_ninja.py --quick    # a few seconds (CI smoke run)
     python bench_mmap_ninja.py --scale 4  # 4x more samples
+    python bench_mmap_ninja.py --published DIR  # also the published package installed in DIR
+                                                # (pip install --target DIR mmap_ninja==0.8.2 tqdm)
 Writes the figures to bench_results.json (see --json). Standard library + numpy only.
 """
 import argparse
@@ -11,6 +13,8 @@ import os
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -31,16 +35,24 @@ def best(fn, repeat=5, number=1):
     return min(times)
 
 
-def best_of_each(fns, repeat=5):
-    """Best time of each function, run round-robin so that page-cache writeback and other
-    load fall on all of them alike (write figures swing a lot otherwise)."""
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for k, fn in enumerate(fns):
+def best_of_each(writers, where, repeat=5):
+    """Best times of functions that write to the path they are given, run round-robin so that
+    other load falls on all of them alike. Like a real conversion, each run writes a new path;
+    the previous run's output is deleted, and dirty pages are flushed, before the clock starts.
+    Returns the best times and the paths of the last runs."""
+    out = tempfile.mkdtemp(prefix="best-", dir=where)
+    times, last = [[] for _ in writers], [None] * len(writers)
+    for run in range(repeat):
+        for k, write in enumerate(writers):
+            if last[k] is not None:
+                shutil.rmtree(last[k], ignore_errors=True) if os.path.isdir(last[k]) else os.remove(last[k])
+            last[k] = os.path.join(out, f"{k}-{run}")
+            if hasattr(os, "sync"):
+                os.sync()
             t0 = time.perf_counter()
-            fn()
+            write(last[k])
             times[k].append(time.perf_counter() - t0)
-    return [min(t) for t in times]
+    return [min(t) for t in times], last
 
 
 class Table:
@@ -66,20 +78,71 @@ class Table:
         return "\n".join(lines)
 
 
-def ragged_bench(tmp, table, n, rng):
+def image_samples(n):
+    rng = np.random.default_rng(0)
     shapes = [(int(rng.integers(8, 24)), int(rng.integers(8, 24)), 3) for _ in range(n)]  # ~1-2 KB images
-    samples = [rng.integers(0, 255, s, dtype=np.uint8) for s in shapes]
+    return shapes, [rng.integers(0, 255, s, dtype=np.uint8) for s in shapes]
+
+
+def string_samples(n):
+    rnd = random.Random(0)
+    return ["".join(rnd.choices("abcdefghij klmnopqrstuvwxyzü", k=rnd.randint(30, 70))) for _ in range(n)]
+
+
+# The same workloads through the published package (its import paths are ours too), run in a
+# subprocess whose PYTHONPATH is the published install; prints its figures as JSON.
+PUBLISHED = """
+import json, sys, time, timeit, numpy as np
+sys.path.append(sys.argv[1])  # after the published install: only bench_mmap_ninja comes from here
+import bench_mmap_ninja as bench
+from mmap_ninja.ragged import RaggedMmap
+from mmap_ninja.string import StringsMmap
+import mmap_ninja
+assert not mmap_ninja.__file__.endswith("mmap_ninja.py"), mmap_ninja.__file__
+n, tmp = int(sys.argv[2]), sys.argv[3]
+shapes, samples = bench.image_samples(n)
+words = bench.string_samples(n * 5)
+out = {}
+(t,), (rd,) = bench.best_of_each([lambda p: RaggedMmap.from_generator(p, iter(samples), 4096)], tmp)
+out['ragged_create'] = sum(s.nbytes for s in samples) / t / 1e6
+(t,), (sd,) = bench.best_of_each([lambda p: StringsMmap.from_generator(p, iter(words), 4096)], tmp)
+out['strings_create'] = sum(len(w.encode()) for w in words) / t / 1e6
+r, s = RaggedMmap(rd), StringsMmap(sd)
+idx = [int(i) for i in np.random.default_rng(1).integers(0, n, 2048)]
+out['ragged_get'] = bench.best(lambda: [r[i] for i in idx]) / len(idx) * 1e6
+out['strings_get'] = bench.best(lambda: [s[i] for i in idx]) / len(idx) * 1e6
+out['ragged_append'] = bench.best(lambda: r.append(np.zeros((4, 4, 3), np.uint8)), 3, 20) * 1e6
+print(json.dumps(out))
+"""
+
+
+def published_figures(path, n, tmp):
+    """The published package's figures for the same workloads, or None when it cannot run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    work = tempfile.mkdtemp(dir=tmp)
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(path))  # the published package, not ours
+    result = subprocess.run([sys.executable, "-c", PUBLISHED, here, str(n), work], env=env, cwd=work,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"note: the published package in {path} did not run:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ragged_bench(tmp, table, n, rng, published=None):
+    shapes, samples = image_samples(n)
     nbytes = sum(s.nbytes for s in samples)
-    d = os.path.join(tmp, "ragged")
-    t, write_floor = best_of_each([lambda: mn.RaggedMmap.from_generator(d, iter(samples), 4096),
-                                   lambda: plain_write(os.path.join(tmp, "plain.bin"), samples)])
+    (t, write_floor), (d, _) = best_of_each([lambda p: mn.RaggedMmap.from_generator(p, iter(samples), 4096),
+                                             lambda p: plain_write(p, samples)], tmp)
     per_file_dir = os.path.join(tmp, "npy")
     os.makedirs(per_file_dir, exist_ok=True)
     k = min(n, 2000)
     t_files = best(lambda: [np.save(os.path.join(per_file_dir, f"{i}.npy"), samples[i]) for i in range(k)], repeat=1)
     table.add("ragged (images)", "create from generator", nbytes / t / 1e6, nbytes / write_floor / 1e6,
-              "plain f.write", per_file=samples[0].nbytes * k / t_files / 1e6 if k else None, unit="MB/s",
-              target="≥3× 0.8.2")
+              "plain f.write", per_file=samples[0].nbytes * k / t_files / 1e6 if k else None, unit="MB/s")
+    if published:
+        table.add("ragged (images)", "create from generator vs 0.8.2", nbytes / t / 1e6,
+                  published["ragged_create"], "published", unit="MB/s", target="≥300%")
     store = mn.RaggedMmap(d)
     flat = np.concatenate([s.reshape(-1) for s in samples])
     offs = np.concatenate([[0], np.cumsum([s.size for s in samples])])
@@ -97,8 +160,13 @@ def ragged_bench(tmp, table, n, rng):
         for i in idx[:500]:
             np.load(os.path.join(per_file_dir, f"{i % k}.npy"))
     floor = best(floor_get) / len(idx) * 1e6
-    table.add("ragged (images)", "random get", best(ours_get) / len(idx) * 1e6, floor, "in-memory slice",
+    ours = best(ours_get) / len(idx) * 1e6
+    table.add("ragged (images)", "random get", ours, floor, "in-memory slice",
               per_file=best(files_get, repeat=3) / 500 * 1e6, target="≤1.5×")
+    if published:
+        table.add("ragged (images)", "random get vs 0.8.2", ours, published["ragged_get"], "published")
+        table.add("ragged (images)", "append 1 sample vs 0.8.2", published["ragged_append_ours"],
+                  published["ragged_append"], "published")
     table.add("ragged (images)", "sequential iteration", best(lambda: list(store), repeat=3) / n * 1e6, floor,
               "in-memory slice")
     batch = np.asarray(idx[:256])
@@ -137,10 +205,10 @@ def large_sample_bench(tmp, table, count):
     rng = np.random.default_rng(5)
     samples = [rng.integers(0, 255, 1 << 20, dtype=np.uint8) for _ in range(count)]  # 1 MB samples
     nbytes = count << 20
-    floor, ragged, numpy_t = best_of_each([
-        lambda: plain_write(os.path.join(tmp, "big.bin"), samples),
-        lambda: mn.RaggedMmap.from_generator(os.path.join(tmp, "bigr"), iter(samples), 64),
-        lambda: mn.np_from_generator(os.path.join(tmp, "bign"), iter(samples), 64)])
+    (floor, ragged, numpy_t), _ = best_of_each([
+        lambda p: plain_write(p, samples),
+        lambda p: mn.RaggedMmap.from_generator(p, iter(samples), 64),
+        lambda p: mn.np_from_generator(p, iter(samples), 64)], tmp, repeat=3)
     table.add("ragged (1 MB samples)", "create from generator", nbytes / ragged / 1e6, nbytes / floor / 1e6,
               "plain f.write", unit="MB/s", target="≥25%")
     table.add("numpy (1 MB rows)", "create from generator", nbytes / numpy_t / 1e6, nbytes / floor / 1e6,
@@ -157,13 +225,12 @@ def large_sample_bench(tmp, table, count):
               target="≤2.5×")
 
 
-def strings_bench(tmp, table, n, rng):
-    words = ["".join(random.choices("abcdefghij klmnopqrstuvwxyzü", k=random.randint(30, 70))) for _ in range(n)]
+def strings_bench(tmp, table, n, rng, published=None):
+    words = string_samples(n)
     nbytes = sum(len(w.encode()) for w in words)
-    d = os.path.join(tmp, "strings")
     encoded = [w.encode() for w in words]
-    t, floor_w = best_of_each([lambda: mn.StringsMmap.from_generator(d, iter(words), 4096),
-                               lambda: plain_write(os.path.join(tmp, "s.bin"), encoded)])
+    (t, floor_w), (d, _) = best_of_each([lambda p: mn.StringsMmap.from_generator(p, iter(words), 4096),
+                                         lambda p: plain_write(p, encoded)], tmp)
     txt_dir = os.path.join(tmp, "txt")
     os.makedirs(txt_dir, exist_ok=True)
     k = min(n, 2000)
@@ -174,7 +241,10 @@ def strings_bench(tmp, table, n, rng):
                 f.write(words[i])
     t_txt = best(write_txt, repeat=1)
     table.add("strings (~50 B)", "create from generator", nbytes / t / 1e6, nbytes / floor_w / 1e6,
-              "plain f.write", per_file=nbytes / n * k / t_txt / 1e6, unit="MB/s", target="≥3× 0.8.2")
+              "plain f.write", per_file=nbytes / n * k / t_txt / 1e6, unit="MB/s")
+    if published:
+        table.add("strings (~50 B)", "create from generator vs 0.8.2", nbytes / t / 1e6,
+                  published["strings_create"], "published", unit="MB/s", target="≥300%")
     store = mn.StringsMmap(d)
     buf = b"".join(encoded)
     offs = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).tolist()
@@ -192,8 +262,11 @@ def strings_bench(tmp, table, n, rng):
         for i in idx[:500]:
             with open(os.path.join(txt_dir, f"{i % k}.txt"), encoding="utf-8") as f:
                 f.read()
-    table.add("strings (~50 B)", "random get", best(ours_get) / len(idx) * 1e6, best(floor_get) / len(idx) * 1e6,
+    ours = best(ours_get) / len(idx) * 1e6
+    table.add("strings (~50 B)", "random get", ours, best(floor_get) / len(idx) * 1e6,
               "bytes slice + decode", per_file=best(files_get, repeat=3) / 500 * 1e6, target="≤1.5×")
+    if published:
+        table.add("strings (~50 B)", "random get vs 0.8.2", ours, published["strings_get"], "published")
     table.add("strings (~50 B)", "batch get (256 idx)", best(lambda: store[idx[:256]], number=20) / 256 * 1e6,
               best(floor_get) / len(idx) * 1e6, "bytes slice + decode", target="≤1×")
     shutil.rmtree(txt_dir)
@@ -201,9 +274,7 @@ def strings_bench(tmp, table, n, rng):
 
 def numpy_bench(tmp, table, n, rng):
     arr = rng.random((n, 64), dtype=np.float32)
-    d = os.path.join(tmp, "np")
-    t, floor = best_of_each([lambda: mn.np_from_ndarray(d, arr),
-                             lambda: plain_write(os.path.join(tmp, "np.bin"), [arr])])
+    (t, floor), (d, _) = best_of_each([lambda p: mn.np_from_ndarray(p, arr), lambda p: plain_write(p, [arr])], tmp)
     table.add("numpy (64 float32 rows)", "create from array", arr.nbytes / t / 1e6, arr.nbytes / floor / 1e6,
               "plain f.write", unit="MB/s")
     m = mn.np_open_existing(d)
@@ -259,6 +330,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the sample counts")
     parser.add_argument("--json", default="bench_results.json", help="where to write the figures")
+    parser.add_argument("--published", metavar="DIR", help="also run the published package installed in DIR")
     args = parser.parse_args()
     scale = args.scale * (0.05 if args.quick else 1.0)
     n = max(500, int(20_000 * scale))
@@ -267,8 +339,12 @@ def main():
     table = Table()
     tmp = tempfile.mkdtemp(prefix="ninja-bench-")
     try:
-        ragged_bench(tmp, table, n, rng)
-        strings_bench(tmp, table, n * 5, rng)
+        published = published_figures(args.published, n, tmp) if args.published else None
+        if published:
+            store = mn.RaggedMmap.from_generator(os.path.join(tmp, "append"), iter(image_samples(n)[1]), 4096)
+            published["ragged_append_ours"] = best(lambda: store.append(np.zeros((4, 4, 3), np.uint8)), 3, 20) * 1e6
+        ragged_bench(tmp, table, n, rng, published)
+        strings_bench(tmp, table, n * 5, rng, published)
         numpy_bench(tmp, table, n * 5, rng)
         large_sample_bench(tmp, table, max(8, int(256 * scale)))
         scaling_bench(tmp, table, max(200, int(20_000 * scale)), max(2000, int(2_000_000 * scale)))

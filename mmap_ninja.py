@@ -240,6 +240,20 @@ def _int64_view(mm, n):
     return np.frombuffer(mm, "<i8", n)
 
 
+_DTYPE, _SHAPE, _SIZE, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "shape", "size", "nbytes"))
+
+
+def _pack(arrays):
+    """Samples' bytes for os.writev: one joined buffer when they are small (a 1 MB sample is
+    written from its own memory rather than copied)."""
+    if len(arrays) > 1 and sum(map(_NBYTES, arrays)) < len(arrays) << 16:
+        try:
+            return [b"".join(arrays)]
+        except (TypeError, ValueError, BufferError):  # non-contiguous or buffer-less samples
+            pass
+    return arrays
+
+
 def _buffer(chunk):
     """chunk as a C-contiguous buffer for os.writev (numpy exports none for datetimes)."""
     if isinstance(chunk, np.ndarray) and (chunk.dtype.kind in "MmV" or not chunk.flags.c_contiguous):
@@ -1313,32 +1327,38 @@ class RaggedMmap(_Sequence):
         """Append samples. Every sample is checked before anything is written, so refused input
         leaves the store as it was."""
         d = self.out_dir
-        arrays = [_as_sample(s, d) for s in samples]
+        arrays = samples if type(samples) is list else list(samples)
+        if set(map(type, arrays)) != {np.ndarray}:  # checked per sample only when needed
+            arrays = [_as_sample(s, d) for s in arrays]
         if not arrays:
             return
-        dtypes = {a.dtype for a in arrays}  # result_type would drop a byte order: keep a lone dtype
-        first_dtype = dtypes.pop() if len(dtypes) == 1 else np.result_type(*dtypes)
-        with self._writing(first_dtype, any(a.ndim > 1 for a in arrays)) as writer:
-            self._prepare(writer, arrays, first_dtype)  # casts arrays in place to the store dtype
-            self._appended(writer.append(arrays, [a.size for a in arrays], [a.shape for a in arrays]))
+        dtypes = set(map(_DTYPE, arrays))
+        if any(dt.hasobject for dt in dtypes):
+            arrays = [_as_sample(s, d) for s in arrays]  # raises, naming the offending sample
+        # result_type would drop a byte order (">f4" -> float32): keep a lone dtype as it is
+        first_dtype = next(iter(dtypes)) if len(dtypes) == 1 else np.result_type(*dtypes)
+        shapes = list(map(_SHAPE, arrays))
+        nested = any(len(shape) > 1 for shape in shapes)
+        with self._writing(first_dtype, nested) as writer:
+            arrays = self._prepare(writer, arrays, dtypes, first_dtype, nested)
+            self._appended(writer.append(_pack(arrays), list(map(_SIZE, arrays)), shapes))
 
-    def _prepare(self, writer, arrays, first_dtype):
-        """Adapt the store's metadata to arrays, and cast them (all, before anything is written)."""
+    def _prepare(self, writer, arrays, dtypes, first_dtype, nested):
+        """Adapt the store's metadata to arrays and return them cast to its dtype; everything
+        is checked before anything is written."""
         d, join = self.out_dir, os.path.join
-        needs_nested = any(a.ndim > 1 for a in arrays)
         if writer.n == 0 and writer.dtype != first_dtype:  # an empty store takes its first dtype
             _write_atomic(join(d, "dtype.ninja"), _dtype_to_text(first_dtype, d).encode(), self.durable)
             writer.close()
             writer.sync()
-        # cast (and refuse) the whole batch before anything is written
-        arrays[:] = [_as_sample(a, d, writer.dtype) for a in arrays]
-        arrays[:] = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays]
-        if needs_nested and writer.nested is None:
+        if dtypes != {writer.dtype}:
+            arrays = [_as_sample(a, d, writer.dtype) for a in arrays]
+        if nested and writer.nested is None:
             _convert_shapes_to_nested(d, writer.n, self.durable)
             writer.close()
             writer.sync()
         self._dtype = writer.dtype
-        return writer.dtype
+        return arrays
 
     def _encode_replacement(self, i, value):
         arr = _as_sample(value, self.out_dir, self._dtype)

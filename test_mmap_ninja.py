@@ -582,6 +582,17 @@ def test_get_padded(tmp_path):
         RaggedMmap.from_lists(tmp_path / "m", [np.ones(2), np.ones((2, 2))]).get_padded([0, 1])
 
 
+def test_ragged_noncontiguous_and_fortran_samples(tmp_path):
+    samples = [np.arange(12).reshape(3, 4).T, np.arange(10)[::2], np.asfortranarray(np.ones((2, 3), np.int64)),
+               np.arange(8).astype("datetime64[s]")[::3]]
+    expected = [np.ascontiguousarray(s) for s in samples]
+    store = RaggedMmap.from_lists(tmp_path / "r", samples[:3])
+    store.extend([samples[0], samples[1]])
+    assert_same_samples(RaggedMmap(tmp_path / "r"), expected[:3] + expected[:2])
+    dates = RaggedMmap.from_lists(tmp_path / "d", [samples[3], samples[3][:1]])
+    assert_same_samples(dates, [expected[3], expected[3][:1]])
+
+
 def test_ragged_str_dtype_and_paths(tmp_path):
     words = [np.array(["ab", "cde"]), np.array(["ü"])]
     store = RaggedMmap.from_lists(str(tmp_path / "a" / "b" / "c"), words)
@@ -1151,3 +1162,54 @@ def test_version_matches_pyproject():
 def test_running_the_file_directly(tmp_path):
     result = subprocess.run([sys.executable, str(HERE / "mmap_ninja.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "verify" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's examples run as written
+# ---------------------------------------------------------------------------------------------
+
+def readme_block(start):
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    code = text[text.index(start):]
+    return code[:code.index("```")]
+
+
+def test_readme_quick_start(tmp_path):
+    code = readme_block("import numpy as np\nfrom mmap_ninja import RaggedMmap, StringsMmap")
+    code = code[:code.index("EOF")]
+    result = run_python(code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = [line.split("# ")[1] for line in code.splitlines() if line.startswith("print(")]
+    assert result.stdout.splitlines() == expected
+
+
+HAS_TORCH = __import__("importlib").util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+
+
+@needs_torch
+def test_readme_pytorch_example_with_spawned_workers(tmp_path):
+    code = readme_block("import torch\nfrom torch.utils.data")
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", str(script)], cwd=tmp_path,
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(HERE)),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("torch.Size([2, ") for line in lines)
+    lengths = sorted(n for line in lines for n in json.loads(line.split("]) ")[1]))
+    assert lengths == [2, 3, 5, 9]
+
+
+@needs_torch
+def test_torch_from_numpy_gets_writable_samples(tmp_path):
+    import warnings
+    import torch
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(3.0), np.ones((2, 2))])
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(6.0).reshape(3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The given NumPy array is not writable" would fail here
+        assert RaggedMmap(tmp_path / "r", wrapper_fn=torch.from_numpy)[1].sum().item() == 4
+        assert open_existing(tmp_path / "n", wrapper_fn=torch.from_numpy)[2].tolist() == [4, 5]
+        assert Wrapped(RaggedMmap(tmp_path / "r"), torch.from_numpy)[0].tolist() == [0, 1, 2]
