@@ -81,6 +81,7 @@ import ast
 import bisect
 import contextlib
 import itertools
+import math
 import mmap
 import operator
 import os
@@ -529,6 +530,7 @@ def np_empty(out_dir, dtype, shape, order="C"):
     out_dir = os.fspath(out_dir)
     dtype = np.dtype(dtype)
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(a) for a in shape)
+    _clear_store(out_dir)
     _write_meta(out_dir, dtype, (0,) + shape[1:] if shape else (), order)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     with open(os.path.join(out_dir, "data.ninja"), "r+b") as f:
@@ -546,6 +548,7 @@ def np_from_ndarray(out_dir, arr):
     """Write ``arr`` as a numpy store in ``out_dir``; returns it as a writable ``np.memmap``."""
     out_dir = os.fspath(out_dir)
     arr = _as_sample(arr, out_dir)
+    _clear_store(out_dir)
     order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
     if arr.ndim == 0:
         _write_meta(out_dir, arr.dtype, (), order)
@@ -569,6 +572,7 @@ def np_from_generator(out_dir, sample_generator, batch_size, verbose=False):
         for sample in _progress(sample_generator, desc="numpy", verbose=verbose):
             if writer is None:
                 first = _as_sample(sample, out_dir)
+                _clear_store(out_dir)
                 _write_meta(out_dir, first.dtype, (0,) + first.shape)
                 writer = _NumpyWriter(out_dir).__enter__()
             batch.append(sample)
@@ -1010,9 +1014,11 @@ class _Sequence:
         self._map_all()
         if type(item) is list and item and len(item) != self._n and type(item[0]) is not bool:
             try:  # the lookups themselves check each key's type and range (negatives wrap)
-                return self._build(item, self._lookup(item, "_starts", "_ends"))
+                columns = self._lookup(item, "_starts", "_ends")
             except (IndexError, TypeError):
-                pass  # _indices below says what is wrong
+                columns = None  # _indices below says what is wrong
+            if columns is not None:
+                return self._build(item, columns)
         idx = _indices(item, self._n, self.out_dir)
         return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
 
@@ -1107,10 +1113,10 @@ class _Sequence:
         return i + n if i < 0 else i
 
     def flush(self):
-        """fsync every file of the store: committed samples then survive power loss."""
+        """fsync every file and directory of the store: committed samples then survive power loss."""
         for root, _, files in os.walk(self.out_dir):
-            for name in files:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            for path in [os.path.join(root, name) for name in files] + [root]:
+                fd = os.open(path, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
@@ -1127,6 +1133,31 @@ class _Sequence:
             self._release(keep_writer=True)
             self._load(n)
             self._loaded = True
+
+    def _map_index(self, snapshot):
+        """Map starts/ends for the first `snapshot` samples (all committed ones when None);
+        returns (count, end of the last sample), or None when the directory holds no store."""
+        d, join = self.out_dir, os.path.join
+        self._maps = []
+        self._n = self._mapped = 0
+        self._starts = self._ends = _int64_view(None, 0)
+        if not os.path.exists(join(d, "type.ninja")):
+            if os.path.exists(join(d, "starts")):
+                raise FileNotFoundError(f"{d}: type.ninja is missing but starts/ exists: the "
+                                        f"store is damaged")
+            return None
+        kind = _read_kind(d)
+        if kind != self._kind:
+            raise ValueError(f"{d} is a {kind} store, not a {self._kind} store; open it with "
+                             f"mmap_ninja.open_existing")
+        # Read in the reverse of the commit order: the count first, then what it vouches for
+        # (a writer committing meanwhile only makes the later files longer).
+        n = _count(d)
+        if snapshot is not None:
+            n = min(n, snapshot)
+        self._starts = self._index(join(d, "starts"), n)
+        self._ends = self._index(join(d, "ends"), n)
+        return n, (self._ends[n - 1] if n else 0)
 
     def _index(self, store_dir, n):
         """Map the first n entries of an int64 index store (starts, ends, shapes)."""
@@ -1168,25 +1199,12 @@ class RaggedMmap(_Sequence):
     def _load(self, snapshot):
         """Map the first `snapshot` samples (all committed ones when None); O(1) in the count."""
         d, join = self.out_dir, os.path.join
-        self._maps = []
-        if not os.path.exists(join(d, "type.ninja")):
-            if os.path.exists(join(d, "starts")):
-                raise FileNotFoundError(f"{d}: type.ninja is missing but starts/ exists: the "
-                                        f"store is damaged")
-            self._empty()
+        opened = self._map_index(snapshot)
+        if opened is None:
+            self._dtype, self._data, self._nested = None, np.zeros(0), False
+            self._flat_shapes = _int64_view(None, 0)
             return
-        kind = _read_kind(d)
-        if kind != "ragged":
-            raise ValueError(f"{d} is a {kind} store, not a ragged store; open it with "
-                             f"mmap_ninja.open_existing")
-        # Read in the reverse of the commit order: the count first, then what it vouches for
-        # (a writer committing meanwhile only makes the later files longer).
-        n = _count(d)
-        if snapshot is not None:
-            n = min(n, snapshot)
-        self._starts = self._index(join(d, "starts"), n)
-        self._ends = self._index(join(d, "ends"), n)
-        end = self._ends[n - 1] if n else 0
+        n, end = opened
         dtype, data_shape, _ = _read_meta(d)
         if data_shape[0] < end:
             raise ValueError(f"{d}: sample {n - 1} ends at element {end} but the data holds "
@@ -1197,8 +1215,8 @@ class RaggedMmap(_Sequence):
         # through a memoryview, so mmap.close() refuses (BufferError) while any sample is alive;
         # an ndarray made directly on the map would not stop it, and reading would crash
         self._data = np.frombuffer(memoryview(mm), dtype, end) if mm is not None else np.zeros(0, dtype)
-        if access == mmap.ACCESS_READ or mm is None:
-            self._data.flags.writeable = access != mmap.ACCESS_READ
+        if access == mmap.ACCESS_READ:
+            self._data.flags.writeable = False
         self._dtype = dtype
         shapes = _shapes_dir(d)
         self._nested = os.path.isdir(join(shapes, "starts"))
@@ -1210,13 +1228,6 @@ class RaggedMmap(_Sequence):
         else:
             self._flat_shapes = self._index(shapes, n)
         self._n = self._mapped = n
-
-    def _empty(self):
-        self._dtype = None
-        self._data = np.zeros(0)
-        self._starts = self._ends = self._flat_shapes = _int64_view(None, 0)
-        self._nested = False
-        self._n = self._mapped = 0
 
     def __getitem__(self, item):
         # The hot path, kept to one Python call: the int64 views hold exactly the mapped
@@ -1303,12 +1314,12 @@ class RaggedMmap(_Sequence):
         batch = np.full((len(idx),) + max_shape, pad_value, dtype=self._dtype or np.float64)
         order = np.argsort(idx, kind="stable")
         starts = self._gather("_starts", idx)
-        if ndim == 1:
-            lengths = shapes[:, 0]
+        if ndim == 1:  # one gather, at ascending positions, then rows back in the asked order
             width = max_shape[0]
-            mask = np.arange(width)[None, :] < lengths[:, None]
-            positions = (starts[:, None] + np.arange(width)[None, :])[mask]
-            batch[mask] = self._data[positions]
+            mask = np.arange(width)[None, :] < shapes[order, 0][:, None]
+            rows = batch[order]
+            rows[mask] = self._data[(starts[order][:, None] + np.arange(width)[None, :])[mask]]
+            batch[order] = rows
         else:
             for k in order.tolist():
                 s = int(starts[k])
@@ -1472,40 +1483,30 @@ def _indexable_batches(indexable, batch_size, n_jobs):
 ###################################################################################################
 
 def _zstd_module():
-    """(compress, decompress, train) from the standard library's compression.zstd (3.14+) or
-    the zstandard package. Gate: drop the zstandard branch when Python 3.14 is the minimum."""
+    """(codec, train) from the standard library's compression.zstd (3.14+) or the zstandard
+    package, else None. codec(level, dictionary) gives one store's (compress, decompress);
+    train(samples, size) a raw dictionary. Gate: drop the zstandard branch when Python 3.14 is
+    the minimum. Contexts are made per call: neither library's are safe to share across threads."""
     try:
-        from compression import zstd as std_zstd
+        from compression import zstd
     except ImportError:
-        std_zstd = None
-    if std_zstd is not None:
-        def compress(data, level, dictionary):
-            zd = std_zstd.ZstdDict(dictionary) if dictionary else None
-            return std_zstd.compress(data, level=level, zstd_dict=zd)
-
-        def decompress(data, dictionary):
-            zd = std_zstd.ZstdDict(dictionary) if dictionary else None
-            return std_zstd.decompress(data, zstd_dict=zd)
-
-        def train(samples, size):
-            return std_zstd.train_dict(samples, size).dict_content
-        return compress, decompress, train
+        zstd = None
+    if zstd is not None:
+        def codec(level, dictionary):
+            zd = zstd.ZstdDict(dictionary) if dictionary else None
+            return (lambda data: zstd.compress(data, level=level, zstd_dict=zd),
+                    lambda data: zstd.decompress(data, zstd_dict=zd))
+        return codec, lambda samples, size: zstd.train_dict(samples, size).dict_content
     try:
         import zstandard
     except ImportError:
         return None
 
-    def compress(data, level, dictionary):
+    def codec(level, dictionary):
         zd = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
-        return zstandard.ZstdCompressor(level=level, dict_data=zd).compress(data)
-
-    def decompress(data, dictionary):
-        zd = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
-        return zstandard.ZstdDecompressor(dict_data=zd).decompress(data)
-
-    def train(samples, size):
-        return zstandard.train_dictionary(size, samples).as_bytes()
-    return compress, decompress, train
+        return (lambda data: zstandard.ZstdCompressor(level=level, dict_data=zd).compress(data),
+                lambda data: zstandard.ZstdDecompressor(dict_data=zd).decompress(data))
+    return codec, lambda samples, size: zstandard.train_dictionary(size, samples).as_bytes()
 
 
 def _require_zstd(path):
@@ -1515,6 +1516,17 @@ def _require_zstd(path):
             f"{path} is zstd-compressed: reading or writing it needs Python 3.14+ "
             f"(compression.zstd) or the zstandard package (pip install zstandard)")
     return module
+
+
+def _utf8(strings, path):
+    """The UTF-8 bytes of each string; non-str items and lone surrogates are refused here,
+    before anything is written."""
+    try:
+        return list(map(str.encode, strings))
+    except TypeError:
+        bad = next(s for s in strings if not isinstance(s, str))
+        raise TypeError(f"{path}: StringsMmap holds str only, got {type(bad).__name__} "
+                        f"{_short(bad)}; decode bytes or convert with str() first") from None
 
 
 class StringsMmap(_Sequence):
@@ -1535,34 +1547,23 @@ class StringsMmap(_Sequence):
 
     def _load(self, snapshot):
         d, join = self.out_dir, os.path.join
-        self._maps = []
         self._zstd = None
-        if not os.path.exists(join(d, "type.ninja")):
-            self._n = self._mapped = 0
-            self._starts = self._ends = _int64_view(None, 0)
+        opened = self._map_index(snapshot)
+        if opened is None:
             self._buf = b""
             return
-        kind = _read_kind(d)
-        if kind != "string":
-            raise ValueError(f"{d} is a {kind} store, not a strings store; open it with "
-                             f"mmap_ninja.open_existing")
-        n = _count(d)
-        if snapshot is not None:
-            n = min(n, snapshot)
-        self._starts = self._index(join(d, "starts"), n)
-        self._ends = self._index(join(d, "ends"), n)
-        end = self._ends[n - 1] if n else 0
+        n, end = opened
         mm = _map(join(d, "data.ninja"), end, what="strings data")
         self._buf = mm if mm is not None else b""
         if mm is not None:
             self._maps.append(mm)
         level_path = join(d, "zstd_level.ninja")
         if os.path.exists(level_path):
-            _require_zstd(d)  # say so at open, not at the first read
+            codec = _require_zstd(d)[0]  # say so at open, not at the first read
             level = _read_text(level_path, "zstd level")
             dict_path = join(d, "zstd_dict.ninja")
             dictionary = _read_bytes(dict_path, "zstd dictionary") if os.path.exists(dict_path) else None
-            self._zstd = (int(level), dictionary)
+            self._zstd = codec(int(level), dictionary)  # (compress, decompress)
         self._n = self._mapped = n
 
     def __getitem__(self, item):
@@ -1574,7 +1575,7 @@ class StringsMmap(_Sequence):
             return self._get_other(item)
         if self._zstd is None:
             return raw.decode("utf-8")
-        return _require_zstd(self.out_dir)[1](raw, self._zstd[1]).decode("utf-8")
+        return self._zstd[1](raw).decode("utf-8")
 
     def _build(self, keys, columns):
         """Strings keys (mapped), given their (starts, ends)."""
@@ -1589,21 +1590,14 @@ class StringsMmap(_Sequence):
 
     def extend(self, list_of_strings, verbose=False):
         """Append strings; a non-str item refuses the whole call before anything is written."""
-        d = self.out_dir
         strings = list_of_strings if type(list_of_strings) is list and not verbose else \
             list(_progress(list_of_strings, desc="strings", verbose=verbose))
-        try:  # UTF-8; str.encode refuses non-str items and lone surrogates, before any write
-            encoded = list(map(str.encode, strings))
-        except TypeError:
-            bad = next(s for s in strings if not isinstance(s, str))
-            raise TypeError(f"{d}: StringsMmap holds str only, got {type(bad).__name__} "
-                            f"{_short(bad)}; decode bytes or convert with str() first") from None
+        encoded = _utf8(strings, self.out_dir)
         if not encoded:
             return
         with self._writing() as writer:
             if self._zstd is not None:
-                compress = _require_zstd(d)[0]
-                encoded = [compress(b, self._zstd[0], self._zstd[1]) for b in encoded]
+                encoded = list(map(self._zstd[0], encoded))
             self._appended(writer.append([b"".join(encoded)], list(map(len, encoded)), None))
 
     def _encode_replacement(self, i, value):
@@ -1632,14 +1626,10 @@ class StringsMmap(_Sequence):
             zstd_level = 3
         dictionary = None
         if zstd_level is not None:
-            compress, _, train = _require_zstd(out_dir)
+            train = _require_zstd(out_dir)[1]
             if zstd_train_dictionary_size:
                 strings = list(strings)
-                for s in strings:
-                    if not isinstance(s, str):
-                        raise TypeError(f"{out_dir}: StringsMmap holds str only, got "
-                                        f"{type(s).__name__} {_short(s)}")
-                dictionary = train([s.encode("utf-8") for s in strings], int(zstd_train_dictionary_size))
+                dictionary = train(_utf8(strings, out_dir), int(zstd_train_dictionary_size))
         _create_ragged(out_dir, None, False, raw=True,
                        zstd=None if zstd_level is None else (int(zstd_level), dictionary), durable=durable)
         with cls(out_dir, durable=durable) as writer:
@@ -1738,13 +1728,19 @@ def _store_report(path):
     elif kind == "ragged":
         store = RaggedMmap(path)
         lines += [f"samples:  {len(store)}", f"dtype:    {store.dtype}"]
-        shapes = [store.shape_of(i) for i in range(len(store))]
-        ndims = sorted({len(s) for s in shapes})
-        lines.append(f"ndim:     {', '.join(map(str, ndims)) or '-'}")
-        for nd in ndims:
-            arr = np.asarray([s for s in shapes if len(s) == nd], np.int64).reshape(-1, nd)
+        lows, highs = {}, {}  # per ndim: the smallest and largest length of each axis
+        for _, shapes in _shape_chunks(store):
+            by_ndim = {}
+            for shape in shapes:
+                by_ndim.setdefault(len(shape), []).append(shape)
+            for nd, group in by_ndim.items():
+                arr = np.asarray(group, np.int64).reshape(-1, nd)
+                lows[nd] = np.minimum(lows.get(nd, arr.min(0)), arr.min(0))
+                highs[nd] = np.maximum(highs.get(nd, arr.max(0)), arr.max(0))
+        lines.append(f"ndim:     {', '.join(map(str, sorted(lows))) or '-'}")
+        for nd in sorted(lows):
             for axis in range(nd):
-                lines.append(f"  {nd}-D axis {axis}: min {arr[:, axis].min()}, max {arr[:, axis].max()}")
+                lines.append(f"  {nd}-D axis {axis}: min {lows[nd][axis]}, max {highs[nd][axis]}")
         store.close()
     else:
         join = os.path.join
@@ -1756,6 +1752,13 @@ def _store_report(path):
         lines.append(f"compression: {compression}")
     lines.append(f"bytes on disk: {size}")
     return kind, lines
+
+
+def _shape_chunks(store, chunk=1 << 16):
+    """(first index, shapes) of every sample of a ragged store, a chunk at a time."""
+    store._map_all()
+    for start in range(0, len(store), chunk):
+        yield start, store._shapes_of(np.arange(start, min(start + chunk, len(store))))
 
 
 def _verify(path):
@@ -1800,10 +1803,13 @@ def _verify(path):
                 problems.append(f"sample {int(np.argmax(sizes != ends - starts))}: flattened_shapes "
                                 f"disagrees with ends - starts")
             store = RaggedMmap(path)
-            for i in range(n):
-                shape = store.shape_of(i)
-                if int(np.prod(shape)) != sizes[i]:
-                    problems.append(f"sample {i}: shape {shape} does not hold {sizes[i]} elements")
+            for start, shapes in _shape_chunks(store):
+                held = np.fromiter(map(math.prod, shapes), np.int64, len(shapes))
+                bad = np.flatnonzero(held != sizes[start:start + len(shapes)])
+                if len(bad):
+                    i = start + int(bad[0])
+                    problems.append(f"sample {i}: shape {tuple(shapes[bad[0]])} does not hold "
+                                    f"{sizes[i]} elements")
                     break
             flag = _read_bytes(join(path, "shapes_are_flat.ninja"), "flatness flag")
             if flag != _I32.pack(0 if store._nested else 1):

@@ -688,7 +688,7 @@ def test_open_existing_dispatches(tmp_path):
     assert open_existing(tmp_path / "s", wrapper_fn=str.upper)[0] == "A"
     with pytest.raises(ValueError, match="is a numpy store, not a ragged store"):
         RaggedMmap(tmp_path / "n")
-    with pytest.raises(ValueError, match="is a ragged store, not a strings store"):
+    with pytest.raises(ValueError, match="is a ragged store, not a string store"):
         StringsMmap(tmp_path / "r")
 
 
@@ -927,7 +927,7 @@ def test_durable_appends_fsync_before_and_after_commit(tmp_path, monkeypatch):
     assert len(synced) == 2
     synced.clear()
     StringsMmap.from_strings(tmp_path / "s", ["a"]).flush()
-    assert len(synced) == len([f for _, _, fs in os.walk(tmp_path / "s") for f in fs])
+    assert len(synced) == sum(len(fs) + 1 for _, _, fs in os.walk(tmp_path / "s"))  # files and dirs
 
 
 @pytest.mark.parametrize("kind", ["ragged", "numpy", "strings", "indexable"])
@@ -1222,3 +1222,35 @@ def test_torch_from_numpy_gets_writable_samples(tmp_path):
         assert RaggedMmap(tmp_path / "r", wrapper_fn=torch.from_numpy)[1].sum().item() == 4
         assert open_existing(tmp_path / "n", wrapper_fn=torch.from_numpy)[2].tolist() == [4, 5]
         assert Wrapped(RaggedMmap(tmp_path / "r"), torch.from_numpy)[0].tolist() == [0, 1, 2]
+
+
+def test_crash_while_converting_shapes_to_nested(tmp_path, monkeypatch):
+    d = tmp_path / "r"
+    store = RaggedMmap.from_lists(d, [np.arange(3), np.array(5)])
+    real_rename, renames = os.rename, []
+
+    def dies_at_second_rename(src, dst):
+        renames.append(src)
+        if len(renames) == 2:  # shapes/ is already set aside, shapes.new not yet in place
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", dies_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        store.append(np.ones((2, 2), np.int64))
+    monkeypatch.undo()
+    assert not (d / "shapes").exists() and (d / "shapes.new" / "starts").is_dir()
+    assert_same_samples(RaggedMmap(d), [np.arange(3), np.array(5)])  # readers use shapes.new
+    RaggedMmap(d).append(np.ones((2, 2), np.int64))  # the next writer finishes the conversion
+    assert_same_samples(RaggedMmap(d), [np.arange(3), np.array(5), np.ones((2, 2), np.int64)])
+    assert not (d / "shapes.new").exists() and not (d / "shapes.old").exists()
+    assert mmap_ninja._verify(str(d)) == []
+
+
+def test_recreating_a_store_replaces_it(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "s", [np.arange(3), np.ones((2, 2))])
+    np_ninja.from_ndarray(tmp_path / "s", np.arange(4))  # a numpy store where a ragged one was
+    assert open_existing(tmp_path / "s").tolist() == [0, 1, 2, 3]
+    assert sorted(os.listdir(tmp_path / "s")) == ["data.ninja", "dtype.ninja", "order.ninja",
+                                                  "shape.ninja", "type.ninja"]
+    StringsMmap.from_strings(tmp_path / "s", ["x"])
+    assert list(open_existing(tmp_path / "s")) == ["x"]
