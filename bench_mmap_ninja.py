@@ -4,7 +4,7 @@
     python bench_mmap_ninja.py --quick    # a few seconds (CI smoke run)
     python bench_mmap_ninja.py --scale 4  # 4x more samples
     python bench_mmap_ninja.py --published DIR  # also the published package installed in DIR
-                                                # (pip install --target DIR mmap_ninja==0.8.2 tqdm)
+                                                # (pip install --no-deps --target DIR mmap_ninja==0.8.2 tqdm)
 Writes the figures to bench_results.json (see --json). Standard library + numpy only.
 """
 import argparse

@@ -110,11 +110,15 @@ def test_reload_is_safe():
 # Stores written by the published 0.8.2 and 0.9.0
 # ---------------------------------------------------------------------------------------------
 
-def legacy_cases():
+def _legacy_cases():
     for version in ("0.8.2", "0.9.0"):
         expected = json.loads((LEGACY / version / "expected.json").read_text())["stores"]
         for name, spec in expected.items():
             yield pytest.param(version, name, spec, id=f"{version}-{name}")
+
+
+def legacy_cases():
+    return list(_legacy_cases())
 
 
 def check_against_expected(store, spec):
