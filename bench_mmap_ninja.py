@@ -172,6 +172,8 @@ def ragged_bench(tmp, table, n, rng, published=None):
     batch = np.asarray(idx[:256])
     table.add("ragged (images)", "batch get (256 idx)", best(lambda: store[batch], number=20) / 256 * 1e6,
               floor, "in-memory slice", target="≤1×")
+    table.add("ragged (images)", "get_padded (256 idx)", best(lambda: store.get_padded(batch), number=20) / 256 * 1e6,
+              floor, "in-memory slice")
     flat_samples = [rng.integers(0, 1000, int(rng.integers(20, 200)), dtype=np.int32) for _ in range(n)]
     fd = os.path.join(tmp, "ragged_flat")
     flat_store = mn.RaggedMmap.from_lists(fd, flat_samples, mode="r")

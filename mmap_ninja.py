@@ -1298,34 +1298,37 @@ class RaggedMmap(_Sequence):
 
         Returns ``(batch, shapes)``: ``batch`` has shape ``(len(indices), *max_shape)`` and is a
         new writable array; ``shapes`` is an int64 array ``(len(indices), ndim)``. All samples
-        must have the same number of dimensions. Samples are read in sorted order (sequential
-        on disk); 1-D samples are gathered in one vectorized pass. Meant for a DataLoader
-        ``collate_fn`` or a batch sampler.
+        must have the same number of dimensions. Offsets and shapes are looked up vectorized;
+        the samples are copied in ascending position (sequential on disk), one slice each, which
+        measured faster than one masked gather. Meant for a DataLoader ``collate_fn`` or a
+        batch sampler.
         """
         idx = _indices(indices, self._n, self.out_dir)
         self._map_all()
-        shapes = [tuple(s) for s in self._shapes_of(idx.tolist())]
-        if len({len(s) for s in shapes}) > 1:
+        starts = self._gather("_starts", idx)
+        if self._nested:
+            shapes = [tuple(s) for s in self._shapes_of(idx)]
+            ndims = {len(s) for s in shapes}
+        else:  # lengths, and which samples are 0-d, in a few vectorized steps
+            lengths = self._gather("_ends", idx) - starts
+            scalar = (lengths == 1) & (self._gather("_flat_shapes", idx) == 0)
+            ndims = {0} if scalar.all() and len(idx) else {0, 1} if scalar.any() else {1}
+            shapes = lengths.reshape(-1, 1) if ndims == {1} else np.zeros((len(idx), 0), np.int64)
+        if len(ndims) > 1:
             raise ValueError(f"{self.out_dir}: get_padded needs samples of one number of "
-                             f"dimensions, got shapes {sorted(set(shapes))[:4]}")
-        ndim = len(shapes[0]) if shapes else 1
+                             f"dimensions, got {sorted(ndims)}-dimensional ones")
+        ndim = ndims.pop() if ndims else 1
         shapes = np.asarray(shapes, np.int64).reshape(len(idx), ndim)
         max_shape = tuple(shapes.max(axis=0).tolist()) if len(idx) else (0,) * ndim
         batch = np.full((len(idx),) + max_shape, pad_value, dtype=self._dtype or np.float64)
         order = np.argsort(idx, kind="stable")
-        starts = self._gather("_starts", idx)
-        if ndim == 1:  # one gather, at ascending positions, then rows back in the asked order
-            width = max_shape[0]
-            mask = np.arange(width)[None, :] < shapes[order, 0][:, None]
-            rows = batch[order]
-            rows[mask] = self._data[(starts[order][:, None] + np.arange(width)[None, :])[mask]]
-            batch[order] = rows
+        data = self._data
+        if ndim == 1:  # slice copies beat a masked gather here (measured)
+            for k, s, length in zip(order.tolist(), starts[order].tolist(), shapes[order, 0].tolist()):
+                batch[k, :length] = data[s:s + length]
         else:
-            for k in order.tolist():
-                s = int(starts[k])
-                shape = tuple(shapes[k].tolist())
-                size = int(np.prod(shape))
-                batch[(k,) + tuple(slice(0, a) for a in shape)] = self._data[s:s + size].reshape(shape)
+            for k, s, shape in zip(order.tolist(), starts[order].tolist(), map(tuple, shapes[order].tolist())):
+                batch[k][tuple(map(slice, shape))] = data[s:s + math.prod(shape)].reshape(shape)
         return batch, shapes
 
     # ---- writing --------------------------------------------------------------------------
