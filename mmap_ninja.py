@@ -291,9 +291,21 @@ def _write_here(fd, chunks):
     return total
 
 
+def _pread(fd, size, offset):
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows has no pread
+    return os.read(fd, size)
+
+
 def _set_length(fd, n):
     """Commit a store's first-axis length: one 8-byte in-place write no killed process can tear."""
-    if os.pwrite(fd, _U64.pack(n), 0) != 8:  # pragma: no cover - never seen for 8 bytes
+    if hasattr(os, "pwrite"):
+        written = os.pwrite(fd, _U64.pack(n), 0)
+    else:  # pragma: no cover - Windows
+        os.lseek(fd, 0, os.SEEK_SET)
+        written = os.write(fd, _U64.pack(n))
+    if written != 8:  # pragma: no cover - never seen for 8 bytes
         raise OSError(f"short write committing length {n}")
 
 
@@ -728,10 +740,7 @@ def _last_end(store_dir, n):
         return 0
     fd = _open_fd(os.path.join(store_dir, "ends", "data.ninja"), False)
     try:
-        raw = os.pread(fd, 8, (n - 1) * 8) if hasattr(os, "pread") else None
-        if raw is None:  # pragma: no cover - Windows
-            os.lseek(fd, (n - 1) * 8, os.SEEK_SET)
-            raw = os.read(fd, 8)
+        raw = _pread(fd, 8, (n - 1) * 8)
     finally:
         os.close(fd)
     if len(raw) != 8:
@@ -806,7 +815,7 @@ class _RaggedWriter:
             if "starts" not in self.columns:
                 n = _count(d)
             else:  # one pread: has anyone else committed since?
-                n = _U64.unpack(os.pread(self._col("starts").shape_fd, 8, 0))[0]
+                n = _U64.unpack(_pread(self._col("starts").shape_fd, 8, 0))[0]
         shapes_dir = os.path.join(d, "shapes")
         try:  # another writer converting shapes/ to a ragged store replaces the directory
             ino = None if self.raw else os.stat(shapes_dir).st_ino
