@@ -650,6 +650,32 @@ def test_strings_refused_input_and_setitem(tmp_path):
     assert StringsMmap(tmp_path / "s")[0] == "xyz"
 
 
+def test_strings_empty_generator(tmp_path):
+    store = StringsMmap.from_generator(tmp_path / "g", iter([]), 10)
+    assert len(store) == 0 and (tmp_path / "g" / "type.ninja").read_text() == "string"
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        StringsMmap.from_generator(tmp_path / "h", iter(["a"]), 0)
+
+
+def test_torn_leftovers_are_ignored_then_overwritten(tmp_path):
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.arange(3), np.arange(2)])
+    # what a writer killed before its commit point leaves: bytes past the committed end of data
+    # and of ends, with their lengths already committed; starts (the count) not yet
+    with open(d / "data.ninja", "ab") as f:
+        f.write(np.full(4, 99, np.int64).tobytes())
+    (d / "shape.ninja").write_bytes(np.array([9], "<u8").tobytes())
+    with open(d / "ends" / "data.ninja", "ab") as f:
+        f.write(np.array([9], "<i8").tobytes())
+    (d / "ends" / "shape.ninja").write_bytes(np.array([3], "<u8").tobytes())
+    assert_same_samples(RaggedMmap(d), [np.arange(3), np.arange(2)])
+    assert mmap_ninja._verify(str(d)) == []
+    RaggedMmap(d).append(np.array([7]))
+    assert_same_samples(RaggedMmap(d), [np.arange(3), np.arange(2), np.array([7])])
+    assert os.path.getsize(d / "data.ninja") == 6 * 8  # the leftovers were overwritten
+    assert (d / "shape.ninja").read_bytes() == np.array([6], "<u8").tobytes()
+
+
 def test_strings_empty(tmp_path):
     store = StringsMmap.from_strings(tmp_path / "e", [])
     assert len(store) == 0 and list(store) == []
@@ -1010,7 +1036,9 @@ def test_read_only_user_opens_everything(tmp_path):
         np_ninja.from_ndarray(os.path.join(root, "n"), np.arange(4))
         RaggedMmap.from_lists(os.path.join(root, "r"), [np.arange(3)])
         StringsMmap.from_strings(os.path.join(root, "s"), ["abc"])
+        RaggedMmap.from_lists(os.path.join(root, "u"), [np.arange(3)])
         _make_read_only(root)
+        os.chmod(os.path.join(root, "u", "dtype.ninja"), 0)  # unreadable metadata
         os.chmod(root, 0o755)
         code = f"""
             import os, numpy as np, mmap_ninja as mn
@@ -1031,6 +1059,12 @@ def test_read_only_user_opens_everything(tmp_path):
                     assert r in str(e), e
                 else:
                     raise AssertionError('write to a read-only store succeeded')
+            try:
+                mn.RaggedMmap(r + '/u')
+            except PermissionError as e:
+                assert "cannot read dtype " + r + "/u/dtype.ninja" in str(e), e
+            else:
+                raise AssertionError('an unreadable dtype.ninja opened')
             print('ok')
             """
         result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
