@@ -130,7 +130,7 @@ def published_figures(path, n, tmp):
 
 
 def ragged_bench(tmp, table, n, rng, published=None):
-    shapes, samples = image_samples(n)
+    _, samples = image_samples(n)
     nbytes = sum(s.nbytes for s in samples)
     (t, write_floor), (d, _) = best_of_each([lambda p: mn.RaggedMmap.from_generator(p, iter(samples), 4096),
                                              lambda p: plain_write(p, samples)], tmp)
@@ -144,23 +144,12 @@ def ragged_bench(tmp, table, n, rng, published=None):
         table.add("ragged (images)", "create from generator vs 0.8.2", nbytes / t / 1e6,
                   published["ragged_create"], "published", unit="MB/s", target="≥300%")
     store = mn.RaggedMmap(d)
-    flat = np.concatenate([s.reshape(-1) for s in samples])
-    offs = np.concatenate([[0], np.cumsum([s.size for s in samples])])
     idx = [int(i) for i in rng.integers(0, n, 4096)]
-
-    def floor_get():
-        for i in idx:
-            flat[offs[i]:offs[i + 1]].reshape(shapes[i])
-
-    def ours_get():
-        for i in idx:
-            store[i]
 
     def files_get():
         for i in idx[:500]:
             np.load(os.path.join(per_file_dir, f"{i % k}.npy"))
-    floor = best(floor_get) / len(idx) * 1e6
-    ours = best(ours_get) / len(idx) * 1e6
+    ours, floor = random_gets(store, samples, idx)
     table.add("ragged (images)", "random get", ours, floor, "in-memory slice",
               per_file=best(files_get, repeat=3) / 500 * 1e6, target="≤1.5×")
     if published:
@@ -175,26 +164,30 @@ def ragged_bench(tmp, table, n, rng, published=None):
     table.add("ragged (images)", "get_padded (256 idx)", best(lambda: store.get_padded(batch), number=20) / 256 * 1e6,
               floor, "in-memory slice")
     flat_samples = [rng.integers(0, 1000, int(rng.integers(20, 200)), dtype=np.int32) for _ in range(n)]
-    fd = os.path.join(tmp, "ragged_flat")
-    flat_store = mn.RaggedMmap.from_lists(fd, flat_samples, mode="r")
-    ff = np.concatenate(flat_samples)
-    fo = np.concatenate([[0], np.cumsum([len(s) for s in flat_samples])])
-    fshapes = [s.shape for s in flat_samples]
-
-    def floor_flat():
-        for i in idx:
-            ff[fo[i]:fo[i + 1]].reshape(fshapes[i])
-
-    def ours_flat():
-        for i in idx:
-            flat_store[i]
-    table.add("ragged (1-D)", "random get", best(ours_flat) / len(idx) * 1e6, best(floor_flat) / len(idx) * 1e6,
-              "in-memory slice", target="≤1.5×")
+    flat_store = mn.RaggedMmap.from_lists(os.path.join(tmp, "ragged_flat"), flat_samples, mode="r")
+    ours, floor = random_gets(flat_store, flat_samples, idx)
+    table.add("ragged (1-D)", "random get", ours, floor, "in-memory slice", target="≤1.5×")
     table.add("ragged (1-D)", "batch get (256 idx)", best(lambda: flat_store[batch], number=20) / 256 * 1e6,
-              best(floor_flat) / len(idx) * 1e6, "in-memory slice", target="≤1×")
+              floor, "in-memory slice", target="≤1×")
     table.add("ragged (1-D)", "get_padded (256 idx)", best(lambda: flat_store.get_padded(batch), number=20) / 256 * 1e6,
-              best(floor_flat) / len(idx) * 1e6, "in-memory slice")
+              floor, "in-memory slice")
     shutil.rmtree(per_file_dir)
+
+
+def random_gets(store, samples, idx):
+    """µs per store[i] and per in-memory floor flat[offs[i]:offs[i+1]].reshape(shape_i)."""
+    flat = np.concatenate([s.reshape(-1) for s in samples])
+    offs = np.concatenate([[0], np.cumsum([s.size for s in samples])])
+    shapes = [s.shape for s in samples]
+
+    def floor_get():
+        for i in idx:
+            flat[offs[i]:offs[i + 1]].reshape(shapes[i])
+
+    def ours_get():
+        for i in idx:
+            store[i]
+    return best(ours_get) / len(idx) * 1e6, best(floor_get) / len(idx) * 1e6
 
 
 def plain_write(path, samples):

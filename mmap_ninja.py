@@ -1279,13 +1279,23 @@ class RaggedMmap(_Sequence):
         if not self._nested:
             starts, ends, flat = self._lookup(keys, "_starts", "_ends", "_flat_shapes")
             return [[] if (e - s == 1 and not f) else [e - s] for s, e, f in zip(starts, ends, flat)]
+        table = self._shape_table(keys)
+        if table is not None:  # one ndim: zip the axes into tuples
+            return list(zip(*table.T.tolist())) if table.shape[1] else [()] * len(table)
         kidx = np.asarray(keys, np.int64)
         a, b = self._gather("_shape_starts", kidx), self._gather("_shape_ends", kidx)
-        dims = b - a
         shape_data = self._gather("_shape_data", slice(None))
-        if (dims == dims[0]).all():  # one ndim: gather each axis, zip them into tuples
-            return list(zip(*[shape_data[a + axis].tolist() for axis in range(int(dims[0]))]))
         return [shape_data[x:y].tolist() for x, y in zip(a.tolist(), b.tolist())]
+
+    def _shape_table(self, keys):
+        """Shapes of samples keys (mapped, nested store) as an int64 array (len(keys), ndim),
+        or None when their numbers of dimensions differ."""
+        kidx = np.asarray(keys, np.int64)
+        a, b = self._gather("_shape_starts", kidx), self._gather("_shape_ends", kidx)
+        ndim = int(b[0] - a[0]) if len(a) else 0
+        if not (b - a == ndim).all():
+            return None
+        return self._gather("_shape_data", slice(None))[a[:, None] + np.arange(ndim)]
 
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
@@ -1316,8 +1326,8 @@ class RaggedMmap(_Sequence):
         self._map_all()
         starts = self._gather("_starts", idx)
         if self._nested:
-            shapes = [tuple(s) for s in self._shapes_of(idx)]
-            ndims = {len(s) for s in shapes}
+            shapes = self._shape_table(idx)
+            ndims = {shapes.shape[1]} if shapes is not None else {len(s) for s in self._shapes_of(idx)}
         else:  # lengths, and which samples are 0-d, in a few vectorized steps
             lengths = self._gather("_ends", idx) - starts
             scalar = (lengths == 1) & (self._gather("_flat_shapes", idx) == 0)
@@ -1332,12 +1342,17 @@ class RaggedMmap(_Sequence):
         batch = np.full((len(idx),) + max_shape, pad_value, dtype=self._dtype or np.float64)
         order = np.argsort(idx, kind="stable")
         data = self._data
-        if ndim == 1:  # slice copies beat a masked gather here (measured)
+        if ndim == 0:
+            batch[:] = data[starts]
+        elif ndim == 1:  # slice copies beat a masked gather here (measured)
             for k, s, length in zip(order.tolist(), starts[order].tolist(), shapes[order, 0].tolist()):
                 batch[k, :length] = data[s:s + length]
-        else:
-            for k, s, shape in zip(order.tolist(), starts[order].tolist(), map(tuple, shapes[order].tolist())):
-                batch[k][tuple(map(slice, shape))] = data[s:s + math.prod(shape)].reshape(shape)
+        else:  # destination indices (k, :a0, :a1, ...) and shapes built by zip, in C
+            axes = shapes[order].T.tolist()
+            ends = starts[order] + shapes[order].prod(axis=1)
+            destinations = zip(order.tolist(), *[map(slice, axis) for axis in axes])
+            for dest, s, e, shape in zip(destinations, starts[order].tolist(), ends.tolist(), zip(*axes)):
+                batch[dest] = data[s:e].reshape(shape)
         return batch, shapes
 
     # ---- writing --------------------------------------------------------------------------

@@ -593,6 +593,16 @@ def test_get_padded(tmp_path):
     assert batch[0].sum() == 6 and batch[1].sum() == 6 and batch[1, :, 0].tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="one number of dimensions"):
         RaggedMmap.from_lists(tmp_path / "m", [np.ones(2), np.ones((2, 2))]).get_padded([0, 1])
+    scalars = RaggedMmap.from_lists(tmp_path / "s", [np.array(i * 1.5) for i in range(5)])
+    batch, shapes = scalars.get_padded([4, 1])
+    assert batch.tolist() == [6.0, 1.5] and shapes.shape == (2, 0)
+    cubes = RaggedMmap.from_lists(tmp_path / "c", [np.full((1, 2, 2), 1), np.full((2, 1, 3), 2)])
+    batch, shapes = cubes.get_padded([1, 0], pad_value=-1)
+    assert batch.shape == (2, 2, 2, 3) and shapes.tolist() == [[2, 1, 3], [1, 2, 2]]
+    assert (batch[0, :2, :1, :3] == 2).all() and (batch[0, :, 1:] == -1).all()
+    assert (batch[1, :1, :2, :2] == 1).all() and (batch[1, 1:] == -1).all() and (batch[1, ..., 2:] == -1).all()
+    empty_batch, empty_shapes = cubes.get_padded([])
+    assert empty_batch.shape[0] == 0 and empty_shapes.shape[0] == 0
 
 
 def test_ragged_noncontiguous_and_fortran_samples(tmp_path):
