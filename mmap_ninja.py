@@ -1556,6 +1556,17 @@ def _utf8(strings, path):
                         f"{_short(bad)}; decode bytes or convert with str() first") from None
 
 
+def _utf8_joined(strings, path):
+    """(the UTF-8 bytes of all strings, joined; each one's length in bytes)."""
+    try:  # str.isascii is O(1) in CPython; all() stops at the first non-ASCII string
+        if all(map(str.isascii, strings)):
+            return "".join(strings).encode("ascii"), list(map(len, strings))
+    except TypeError:
+        pass  # a non-str item: _utf8 says which
+    encoded = _utf8(strings, path)
+    return b"".join(encoded), list(map(len, encoded))
+
+
 class StringsMmap(_Sequence):
     """A sequence of ``str`` memory-mapped from ``out_dir``; ``strings[i]`` is a ``str``, a slice
     or list of indices gives a list. Reading never needs write permission (``mode`` is kept
@@ -1619,13 +1630,15 @@ class StringsMmap(_Sequence):
         """Append strings; a non-str item refuses the whole call before anything is written."""
         strings = list_of_strings if type(list_of_strings) is list and not verbose else \
             list(_progress(list_of_strings, desc="strings", verbose=verbose))
-        encoded = _utf8(strings, self.out_dir)
-        if not encoded:
+        if self._zstd is not None:  # one zstd frame per string
+            encoded = list(map(self._zstd[0], _utf8(strings, self.out_dir)))
+            data, sizes = b"".join(encoded), list(map(len, encoded))
+        else:
+            data, sizes = _utf8_joined(strings, self.out_dir)
+        if not sizes:
             return
         with self._writing() as writer:
-            if self._zstd is not None:
-                encoded = list(map(self._zstd[0], encoded))
-            self._appended(writer.append([b"".join(encoded)], list(map(len, encoded)), None))
+            self._appended(writer.append([data], sizes, None))
 
     def _encode_replacement(self, i, value):
         if not isinstance(value, str):

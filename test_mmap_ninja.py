@@ -653,6 +653,8 @@ def test_strings_refused_input_and_setitem(tmp_path):
         store.extend(["ok", b"bytes"])
     with pytest.raises(TypeError, match="got int"):
         store.append(5)
+    with pytest.raises(UnicodeEncodeError):
+        store.extend(["fine", "lone surrogate \ud800"])
     with pytest.raises(ValueError, match="string 0 is 3 UTF-8 bytes; a replacement must be as long, got 2"):
         store[0] = "ab"
     assert snapshot(tmp_path / "s") == before
