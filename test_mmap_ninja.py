@@ -1303,3 +1303,18 @@ def test_recreating_a_store_replaces_it(tmp_path):
                                                   "shape.ninja", "type.ninja"]
     StringsMmap.from_strings(tmp_path / "s", ["x"])
     assert list(open_existing(tmp_path / "s")) == ["x"]
+
+
+def test_cached_writer_drops_what_a_dead_writer_left(tmp_path):
+    d = tmp_path / "r"
+    store = RaggedMmap.from_lists(d, [np.arange(3)])
+    store.append(np.arange(2))  # this object's writer now caches its descriptors and positions
+    # another writer dies mid-batch: sample bytes and an ends entry written, nothing committed
+    with open(d / "data.ninja", "ab") as f:
+        f.write(np.full(5, 99, np.int64).tobytes())
+    with open(d / "ends" / "data.ninja", "ab") as f:
+        f.write(np.array([10], "<i8").tobytes())
+    store.append(np.array([7]))
+    assert_same_samples(RaggedMmap(d), [np.arange(3), np.arange(2), np.array([7])])
+    assert os.path.getsize(d / "data.ninja") == 6 * 8  # no torn bytes left for old writers
+    assert os.path.getsize(d / "ends" / "data.ninja") == 3 * 8
