@@ -346,24 +346,32 @@ def _check_batch_size(batch_size):
 
 
 class _Lock:
-    """flock on the store directory: one writer at a time, across processes and objects."""
+    """flock on a store's directory: one writer at a time, across processes and objects. The
+    directory stays open between uses (a writer appends many times); close() lets it go."""
 
     def __init__(self, store_dir):
-        self.store_dir = store_dir
-        self.fd = None
+        self.store_dir, self.fd, self.held = store_dir, None, False
 
     def __enter__(self):
         if fcntl is not None:
             try:
-                self.fd = os.open(self.store_dir, os.O_RDONLY)
+                if self.fd is None:
+                    self.fd = os.open(self.store_dir, os.O_RDONLY)
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
+                self.held = True
             except OSError:  # a file system without flock: carry on unlocked
-                self.__exit__()
+                pass
         return self
 
     def __exit__(self, *exc):
+        if self.held:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.held = False
+
+    def close(self):
+        self.__exit__()
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock
+            os.close(self.fd)
             self.fd = None
 
 
@@ -653,7 +661,7 @@ class _NumpyWriter:
             self.fd = _open_fd(os.path.join(self.out_dir, "data.ninja"), True)
             self.shape_fd = _open_fd(os.path.join(self.out_dir, "shape.ninja"), True)
         except BaseException:
-            self.lock.__exit__()
+            self.lock.close()
             raise
         return self
 
@@ -662,7 +670,7 @@ class _NumpyWriter:
             if fd is not None:
                 os.close(fd)
         self.fd = self.shape_fd = None
-        self.lock.__exit__()
+        self.lock.close()
 
     def extend(self, arr):
         arr = _as_sample(arr, self.out_dir, self.dtype)
@@ -804,6 +812,7 @@ class _RaggedWriter:
     def __init__(self, store_dir, durable=False, raw=False):
         self.store_dir, self.durable, self.raw = store_dir, durable, raw
         self.n = None  # the count this writer last saw committed; None: read it again
+        self.lock = _Lock(store_dir)
         self.columns = {}
         self.nested = None
         self.shapes_ino = None
@@ -894,10 +903,7 @@ class _RaggedWriter:
 
     def __del__(self):  # raw descriptors are not closed by the garbage collector
         self.close()
-        lock_fd = getattr(self, "lock_fd", None)
-        if lock_fd is not None:
-            os.close(lock_fd)
-            self.lock_fd = None
+        self.lock.close()
 
 
 def _write_new_ragged(store_dir, arrays, durable=False):
@@ -1099,27 +1105,16 @@ class _Sequence:
         writer = self._writer
         if writer is None:
             os.makedirs(d, exist_ok=True)
-            writer = _RaggedWriter(d, self.durable, raw=self._kind == "string")
-            writer.lock_fd = os.open(d, os.O_RDONLY)
-            self._writer = writer
-        locked = False
-        if fcntl is not None:
+            writer = self._writer = _RaggedWriter(d, self.durable, raw=self._kind == "string")
+        with writer.lock:
             try:
-                fcntl.flock(writer.lock_fd, fcntl.LOCK_EX)
-                locked = True
-            except OSError:  # a file system without flock: carry on unlocked
-                pass
-        try:
-            if not os.path.exists(os.path.join(d, "type.ninja")):
-                _create_ragged(d, dtype, nested, raw=writer.raw, durable=self.durable)
-            writer.sync()
-            yield writer
-        except BaseException:
-            writer.close()  # whatever happened, re-read the disk next time
-            raise
-        finally:
-            if locked:
-                fcntl.flock(writer.lock_fd, fcntl.LOCK_UN)
+                if not os.path.exists(os.path.join(d, "type.ninja")):
+                    _create_ragged(d, dtype, nested, raw=writer.raw, durable=self.durable)
+                writer.sync()
+                yield writer
+            except BaseException:
+                writer.close()  # whatever happened, re-read the disk next time
+                raise
 
     def _norm_index(self, i):
         n = self._n
@@ -1146,16 +1141,17 @@ class _Sequence:
             self._check_open()
             n = self._n
             self._release(keep_writer=True)
-            self._load(n)
-            self._loaded = True
+            self._reload(n)
+
+    def _reload(self, snapshot):
+        self._load(snapshot)  # the subclass maps its files
+        self._loaded = True
 
     def _map_index(self, snapshot):
         """Map starts/ends for the first `snapshot` samples (all committed ones when None);
         returns (count, end of the last sample), or None when the directory holds no store."""
         d, join = self.out_dir, os.path.join
-        self._maps = []
-        self._n = self._mapped = 0
-        self._starts = self._ends = _int64_view(None, 0)
+        self._n = self._mapped = 0  # (the rest was reset by _release)
         if not os.path.exists(join(d, "type.ninja")):
             if os.path.exists(join(d, "starts")):
                 raise FileNotFoundError(f"{d}: type.ninja is missing but starts/ exists: the "
@@ -1208,8 +1204,7 @@ class RaggedMmap(_Sequence):
         self.copy_before_wrapper_fn = copy_before_wrapper_fn
         self.durable = durable
         self._init_state()
-        self._load(None)
-        self._loaded = True
+        self._reload(None)
 
     def _load(self, snapshot):
         """Map the first `snapshot` samples (all committed ones when None); O(1) in the count."""
@@ -1285,23 +1280,21 @@ class RaggedMmap(_Sequence):
         if not self._nested:
             starts, ends, flat = self._lookup(keys, "_starts", "_ends", "_flat_shapes")
             return [[] if (e - s == 1 and not f) else [e - s] for s, e, f in zip(starts, ends, flat)]
-        table = self._shape_table(keys)
+        table, a, b = self._shape_table(keys)
         if table is not None:  # one ndim: zip the axes into tuples
             return list(zip(*table.T.tolist())) if table.shape[1] else [()] * len(table)
-        kidx = np.asarray(keys, np.int64)
-        a, b = self._gather("_shape_starts", kidx), self._gather("_shape_ends", kidx)
         shape_data = self._gather("_shape_data", slice(None))
         return [shape_data[x:y].tolist() for x, y in zip(a.tolist(), b.tolist())]
 
     def _shape_table(self, keys):
-        """Shapes of samples keys (mapped, nested store) as an int64 array (len(keys), ndim),
-        or None when their numbers of dimensions differ."""
+        """(shapes of samples keys as an int64 array (len(keys), ndim), or None when their
+        numbers of dimensions differ; where each shape starts and ends) for a nested store."""
         kidx = np.asarray(keys, np.int64)
         a, b = self._gather("_shape_starts", kidx), self._gather("_shape_ends", kidx)
         ndim = int(b[0] - a[0]) if len(a) else 0
         if not (b - a == ndim).all():
-            return None
-        return self._gather("_shape_data", slice(None))[a[:, None] + np.arange(ndim)]
+            return None, a, b
+        return self._gather("_shape_data", slice(None))[a[:, None] + np.arange(ndim)], a, b
 
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
@@ -1332,8 +1325,8 @@ class RaggedMmap(_Sequence):
         self._map_all()
         starts = self._gather("_starts", idx)
         if self._nested:
-            shapes = self._shape_table(idx)
-            ndims = {shapes.shape[1]} if shapes is not None else {len(s) for s in self._shapes_of(idx)}
+            shapes, a, b = self._shape_table(idx)
+            ndims = {shapes.shape[1]} if shapes is not None else set((b - a).tolist())
         else:  # lengths, and which samples are 0-d, in a few vectorized steps
             lengths = self._gather("_ends", idx) - starts
             scalar = (lengths == 1) & (self._gather("_flat_shapes", idx) == 0)
@@ -1586,8 +1579,7 @@ class StringsMmap(_Sequence):
         self.mode = mode
         self.durable = durable
         self._init_state()
-        self._load(None)
-        self._loaded = True
+        self._reload(None)
 
     def _load(self, snapshot):
         d, join = self.out_dir, os.path.join
