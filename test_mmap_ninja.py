@@ -605,6 +605,92 @@ def test_get_padded(tmp_path):
     assert empty_batch.shape[0] == 0 and empty_shapes.shape[0] == 0
 
 
+def padded_reference(samples, pad_value, dtype):
+    """get_padded written the obvious way, to check the fast paths against."""
+    shapes = np.array([s.shape for s in samples], np.int64).reshape(len(samples), -1)
+    batch = np.full((len(samples),) + tuple(shapes.max(axis=0)), pad_value, dtype)
+    for k, s in enumerate(samples):
+        batch[(k,) + tuple(slice(a) for a in s.shape)] = s
+    return batch, shapes
+
+
+@pytest.mark.parametrize("layout", ["images", "uniform", "matrices", "4d", "mixed_ndim", "flat"])
+def test_batch_reads_and_get_padded_match_the_samples(layout, tmp_path):
+    """Batch reads take a windowed path for stores whose samples all have 2+ dimensions, and
+    get_padded one gather when only the first axis varies: both must give exactly the samples,
+    including the last ones (which end near the end of the data) and zero-size ones."""
+    rng = np.random.default_rng(7)
+
+    def shape():
+        if layout == "images":
+            return (int(rng.integers(1, 9)), int(rng.integers(1, 9)), 3)
+        if layout == "uniform":  # sequences of vectors: only the first axis varies
+            return (int(rng.integers(0, 9)), 5)
+        if layout == "matrices":
+            return (int(rng.integers(0, 6)), int(rng.integers(1, 6)))
+        if layout == "4d":
+            return tuple(int(a) for a in rng.integers(1, 4, 4))
+        if layout == "mixed_ndim":
+            return tuple(int(a) for a in rng.integers(1, 5, int(rng.integers(1, 4))))
+        return (int(rng.integers(0, 9)),)
+    samples = [rng.integers(-100, 100, shape()).astype(np.int32) for _ in range(300)]
+    store = RaggedMmap.from_lists(tmp_path / "r", samples, mode="r")
+    n = len(samples)
+    for idx in (rng.integers(0, n, 256), rng.integers(-n, n, 64).tolist(), [n - 1, n - 2, 0], np.arange(n)):
+        expected = [samples[i] for i in idx]
+        got = store[idx]
+        assert_same_samples(got, expected)
+        assert all(g.flags.c_contiguous and not g.flags.writeable for g in got)
+        if layout != "mixed_ndim":
+            batch, shapes = store.get_padded(idx, pad_value=-7)
+            want, want_shapes = padded_reference(expected, -7, np.int32)
+            assert batch.dtype == np.int32 and batch.flags.writeable
+            np.testing.assert_array_equal(batch, want)
+            np.testing.assert_array_equal(shapes, want_shapes)
+    assert_same_samples(list(store), samples)
+    assert_same_samples(store[n - 5:], samples[n - 5:])
+
+
+def test_get_padded_samples_in_the_last_run(tmp_path):
+    # data [0 1 2 3 | 10 | 20 21]: runs of 4 elements start at 0..3, so sample 1 (at 4) and
+    # sample 2 (at 5) are copied one by one
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(4), np.array([10]), np.array([20, 21])])
+    batch, shapes = store.get_padded([1, 2, 0], pad_value=-1)
+    assert batch.tolist() == [[10, -1, -1, -1], [20, 21, -1, -1], [0, 1, 2, 3]]
+    assert shapes.tolist() == [[1], [2], [4]]
+
+
+def test_batch_reads_follow_appends_and_recreation(tmp_path):
+    """What a batch read knows about the shape layout is checked once per sample and kept
+    across appends; it must notice samples that break the layout and a store recreated
+    under an open object."""
+    path = tmp_path / "r"
+    first = [np.full((2, 3), i) for i in range(4)]
+    store = RaggedMmap.from_lists(path, first)
+    assert_same_samples(store[[0, 3]], [first[0], first[3]])
+    store.append(np.full((2, 2, 2), 9))  # three dimensions after two: no longer one layout
+    assert_same_samples(store[[4, 1]], [np.full((2, 2, 2), 9), first[1]])
+    store.extend([np.full((1, 1), 5)])
+    assert_same_samples(store[np.arange(6)], first + [np.full((2, 2, 2), 9), np.full((1, 1), 5)])
+    reader = RaggedMmap(path)
+    assert_same_samples(reader[[0, 5]], [first[0], np.full((1, 1), 5)])
+    other = [np.arange(6).reshape(3, 2), np.arange(4).reshape(1, 4)]
+    RaggedMmap.from_lists(path, other)  # recreated while `reader` is open
+    reader.append(np.ones((2, 2), np.int64))
+    assert_same_samples(reader[[0, 1, 2]], other + [np.ones((2, 2), np.int64)])
+
+
+def test_batch_views_write_through_in_r_plus(tmp_path):
+    path = tmp_path / "r"
+    RaggedMmap.from_lists(path, [np.zeros((2, 3), np.uint8), np.zeros((3, 2), np.uint8), np.zeros((1, 1), np.uint8)])
+    views = RaggedMmap(path, mode="r+")[[1, 0]]
+    views[0][2, 1] = 7
+    views[1][0, 2] = 8
+    del views
+    again = RaggedMmap(path)
+    assert again[1].tolist() == [[0, 0], [0, 0], [0, 7]] and again[0].tolist() == [[0, 0, 8], [0, 0, 0]]
+
+
 def test_ragged_noncontiguous_and_fortran_samples(tmp_path):
     samples = [np.arange(12).reshape(3, 4).T, np.arange(10)[::2], np.asfortranarray(np.ones((2, 3), np.int64)),
                np.arange(8).astype("datetime64[s]")[::3]]
