@@ -739,13 +739,27 @@ def test_strings_refused_input_and_setitem(tmp_path):
         store.extend(["ok", b"bytes"])
     with pytest.raises(TypeError, match="got int"):
         store.append(5)
-    with pytest.raises(UnicodeEncodeError):
+    with pytest.raises(UnicodeEncodeError, match=r"s: string 1 holds a lone surrogate.*'replace'"):
         store.extend(["fine", "lone surrogate \ud800"])
     with pytest.raises(ValueError, match="string 0 is 3 UTF-8 bytes; a replacement must be as long, got 2"):
         store[0] = "ab"
     assert snapshot(tmp_path / "s") == before
     store[0] = "xyz"
     assert StringsMmap(tmp_path / "s")[0] == "xyz"
+
+
+def test_strings_batches_encode_exactly(tmp_path):
+    """Batches are encoded joined by NULs and split where the NULs are: strings that hold
+    NULs themselves, empty strings and every UTF-8 length must still come back exactly."""
+    texts = ["", "a\0b", "\0", "ü", "日本語", "🙂x", "", "plain", "\0\0end"] * 3
+    plain = ["ü" * (i % 4) + "日" * (i % 3) + "x" * (i % 5) for i in range(40)]  # no NULs: joined
+    store = StringsMmap.from_strings(tmp_path / "s", texts)
+    store.extend(plain)
+    store.extend(["ü" * 3, "", "a"])
+    store.extend(["x\0"])
+    assert list(StringsMmap(tmp_path / "s")) == texts + plain + ["ü" * 3, "", "a", "x\0"]
+    ends = np.fromfile(tmp_path / "s" / "ends" / "data.ninja", "<i8")
+    assert ends.tolist() == np.cumsum([len(t.encode()) for t in list(store)]).tolist()
 
 
 def test_strings_empty_generator(tmp_path):
