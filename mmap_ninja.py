@@ -484,11 +484,16 @@ class _Windows(dict):
     then one indexing step, window[s % row, s // row : s // row + a0], where slicing and
     reshaping take two (each view costs numpy ~130 ns). Keys pack t into one int."""
 
-    def __init__(self, data, columns):
+    def __init__(self, data, columns, lo, hi):
         super().__init__()
         self.data, self.columns = data, columns  # the store's shapes, axis by axis
         self.axes = len(columns) - 1
         self.bits = 62 // self.axes  # per axis of t in a key
+        lo, hi = lo[1:].tolist(), hi[1:].tolist()  # each trailing axis's least and greatest length
+        # no window for a zero-size row, nor for axes too long to pack into a key
+        self.usable = data.itemsize > 0 and min(lo) > 0 and max(hi) < 1 << self.bits
+        self.row = math.prod(hi) if lo == hi else None  # when every sample has this t
+        self.code = sum(a << (self.bits * j) for j, a in enumerate(hi))
 
     def __missing__(self, code):
         mask = (1 << self.bits) - 1
@@ -1032,8 +1037,9 @@ class _Sequence:
         self._dtype = self._zstd = None
         self._nested = False
         # which samples of a nested store have been checked to have their shapes at regular
-        # positions (see RaggedMmap._shape_rows): (shape files' identity, ndim or -1, count)
-        self._regular = (None, None, 0)
+        # positions (see RaggedMmap._shape_rows): (shape files' identity, ndim or -1, count,
+        # each axis's least and greatest length)
+        self._regular = (None, None, 0, None, None)
         self._release(keep_writer=True)
 
     def _unmap(self):
@@ -1338,16 +1344,19 @@ class RaggedMmap(_Sequence):
         """Samples idx (mapped) of a store whose samples all have ndim >= 2 dimensions, each
         one indexing step through a _Windows view (0.8x the time of slicing and reshaping);
         None for the rare batch that one of them cannot serve (see the checks below)."""
-        # (column by column: numpy's 2-D gathers and reductions along a short axis cost more)
         data, windows = self._data, self._np_views.get("_windows")
         if windows is None:
-            windows = self._np_views["_windows"] = _Windows(data, list(rows.T))
-        first, *trailing = [column[idx] for column in windows.columns]
-        row, code = trailing[0], trailing[0]  # elements per step along the first axis; key
-        for j, axis in enumerate(trailing[1:], 1):
-            row, code = row * axis, code | (axis << (windows.bits * j))
-        if row.min() <= 0 or not data.itemsize or (len(trailing) > 1 and max(a.max() for a in trailing) >> windows.bits):
-            return None  # zero-size rows have no window; axes too large to pack into a key
+            windows = self._np_views["_windows"] = _Windows(data, list(rows.T), *self._regular[3:])
+        if not windows.usable:
+            return None
+        first = windows.columns[0][idx]
+        if windows.row is not None:  # one trailing shape in the whole store
+            row, code = windows.row, windows.code
+        else:  # column by column: numpy's 2-D gathers and short-axis reductions cost more
+            trailing = [column[idx] for column in windows.columns[1:]]
+            row, code = trailing[0], trailing[0]  # elements per step along the first axis; key
+            for j, axis in enumerate(trailing[1:], 1):
+                row, code = row * axis, code | (axis << (windows.bits * j))
         q, o = np.divmod(self._gather("_starts", idx), row)
         stop = q + first
         # a window holds a sample that ends at least `row - s % row` elements before the end of
@@ -1355,8 +1364,8 @@ class RaggedMmap(_Sequence):
         if int(((stop + 1) * row).max()) > len(data) + 1:
             return None
         o, q, stop = o.tolist(), q.tolist(), stop.tolist()
-        if code.min() == code.max():  # one trailing shape (sequences of vectors, say)
-            window = windows[int(code[0])]
+        if windows.row is not None:
+            window = windows[code]
             return [window[a, b:c] for a, b, c in zip(o, q, stop)]
         return [windows[k][a, b:c] for k, a, b, c in zip(code.tolist(), o, q, stop)]
 
@@ -1400,9 +1409,9 @@ class RaggedMmap(_Sequence):
         if rows is not False:
             return rows
         n = self._mapped
-        ident, ndim, checked = self._regular
+        ident, ndim, checked, lo, hi = self._regular
         if ident != self._shapes_id:
-            ndim, checked = None, 0
+            ndim, checked, lo, hi = None, 0, None, None
         while ndim != -1 and checked < n:  # in chunks: memory stays small for huge stores
             stop = min(checked + (1 << 20), n)
             a = self._gather("_shape_starts", slice(checked, stop))
@@ -1412,8 +1421,13 @@ class RaggedMmap(_Sequence):
             expected = np.arange(checked, stop, dtype=np.int64) * ndim
             if not (np.array_equal(a, expected) and np.array_equal(b, expected + ndim)):
                 ndim = -1
+                break
+            # and each axis's least and greatest length, for _Windows
+            shapes = self._gather("_shape_data", slice(checked * ndim, stop * ndim)).reshape(stop - checked, ndim)
+            lo = shapes.min(axis=0) if lo is None else np.minimum(lo, shapes.min(axis=0))
+            hi = shapes.max(axis=0) if hi is None else np.maximum(hi, shapes.max(axis=0))
             checked = stop
-        self._regular = (self._shapes_id, ndim, checked)
+        self._regular = (self._shapes_id, ndim, checked, lo, hi)
         rows = None
         if n and ndim != -1:
             rows = self._gather("_shape_data", slice(0, n * ndim)).reshape(n, ndim)

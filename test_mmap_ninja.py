@@ -614,7 +614,7 @@ def padded_reference(samples, pad_value, dtype):
     return batch, shapes
 
 
-@pytest.mark.parametrize("layout", ["images", "uniform", "matrices", "4d", "mixed_ndim", "flat"])
+@pytest.mark.parametrize("layout", ["images", "uniform", "matrices", "zero_width", "4d", "mixed_ndim", "flat"])
 def test_batch_reads_and_get_padded_match_the_samples(layout, tmp_path):
     """Batch reads take a windowed path for stores whose samples all have 2+ dimensions, and
     get_padded one gather when only the first axis varies: both must give exactly the samples,
@@ -628,6 +628,8 @@ def test_batch_reads_and_get_padded_match_the_samples(layout, tmp_path):
             return (int(rng.integers(0, 9)), 5)
         if layout == "matrices":
             return (int(rng.integers(0, 6)), int(rng.integers(1, 6)))
+        if layout == "zero_width":  # some rows hold no elements: no window for them
+            return (int(rng.integers(0, 4)), int(rng.integers(0, 3)))
         if layout == "4d":
             return tuple(int(a) for a in rng.integers(1, 4, 4))
         if layout == "mixed_ndim":
@@ -674,6 +676,13 @@ def test_batch_reads_follow_appends_and_recreation(tmp_path):
     assert_same_samples(store[np.arange(6)], first + [np.full((2, 2, 2), 9), np.full((1, 1), 5)])
     reader = RaggedMmap(path)
     assert_same_samples(reader[[0, 5]], [first[0], np.full((1, 1), 5)])
+    # one trailing shape, then a wider one: the batch path must stop treating them as one
+    narrow = [np.arange(4 * i, 4 * i + 4).reshape(2, 2) for i in range(3)]
+    grown = RaggedMmap.from_lists(tmp_path / "g", narrow)
+    assert_same_samples(grown[[2, 0]], [narrow[2], narrow[0]])
+    grown.extend([np.full((1, 3), 7), np.full((2, 3), 8)] + [np.zeros((2, 3), int)] * 5)  # (the
+    # last samples are read another way: see RaggedMmap._window_views)
+    assert_same_samples(grown[[0, 3, 4, 1]], [narrow[0], np.full((1, 3), 7), np.full((2, 3), 8), narrow[1]])
     other = [np.arange(6).reshape(3, 2), np.arange(4).reshape(1, 4)]
     RaggedMmap.from_lists(path, other)  # recreated while `reader` is open
     reader.append(np.ones((2, 2), np.int64))
