@@ -507,6 +507,14 @@ class _Windows(dict):
         return window
 
 
+class _Slices(dict):
+    """slice(n) for each n asked, made once."""
+
+    def __missing__(self, n):
+        self[n] = made = slice(n)
+        return made
+
+
 class Wrapped:
     """Apply ``wrapper_fn`` lazily to each sample of ``data`` on ``__getitem__``.
 
@@ -1503,9 +1511,11 @@ class RaggedMmap(_Sequence):
             batch[:] = data[starts]
             return batch, shapes
         # images and the like: one copy per sample (vectorized forms measured no faster), in
-        # ascending position, to destinations (j, :a0, :a1, ...) built by zip, in C
+        # ascending position, to destinations (j, :a0, :a1, ...) built by zip and map, in C,
+        # from one slice object per length (making slices costs more than the copies)
         order = np.argsort(idx, kind="stable")
-        destinations = zip(order.tolist(), *[map(slice, axis) for axis in shapes[order].T.tolist()])
+        cut = _Slices().__getitem__
+        destinations = zip(order.tolist(), *[map(cut, axis) for axis in shapes[order].T.tolist()])
         for destination, sample in zip(destinations, self._views(idx[order])):
             batch[destination] = sample
         return batch, shapes
