@@ -84,6 +84,11 @@ def image_samples(n):
     return shapes, [rng.integers(0, 255, s, dtype=np.uint8) for s in shapes]
 
 
+def row_samples(n):
+    rng = np.random.default_rng(0)
+    return [rng.random(512, dtype=np.float32) for _ in range(n)]  # 2 KB rows
+
+
 def string_samples(n):
     rnd = random.Random(0)
     return ["".join(rnd.choices("abcdefghij klmnopqrstuvwxyzü", k=rnd.randint(30, 70))) for _ in range(n)]
@@ -112,6 +117,10 @@ idx = [int(i) for i in np.random.default_rng(1).integers(0, n, 2048)]
 out['ragged_get'] = bench.best(lambda: [r[i] for i in idx]) / len(idx) * 1e6
 out['strings_get'] = bench.best(lambda: [s[i] for i in idx]) / len(idx) * 1e6
 out['ragged_append'] = bench.best(lambda: r.append(np.zeros((4, 4, 3), np.uint8)), 3, 20) * 1e6
+from mmap_ninja import numpy as np_ninja
+rows = bench.row_samples(n)
+(t,), _ = bench.best_of_each([lambda p: np_ninja.from_generator(p, iter(rows), 4096)], tmp)
+out['numpy_create'] = sum(r.nbytes for r in rows) / t / 1e6
 print(json.dumps(out))
 """
 
@@ -287,7 +296,16 @@ def strings_bench(tmp, table, n, rng, published=None):
     shutil.rmtree(txt_dir)
 
 
-def numpy_bench(tmp, table, n, rng):
+def numpy_bench(tmp, table, n, rng, published=None):
+    rows = row_samples(n // 5)
+    nbytes = sum(r.nbytes for r in rows)
+    (t, floor), _ = best_of_each([lambda p: mn.np_from_generator(p, iter(rows), 4096),
+                                  lambda p: plain_write(p, rows)], tmp)
+    table.add("numpy (2 KB rows)", "create from generator", nbytes / t / 1e6, nbytes / floor / 1e6,
+              "plain f.write", unit="MB/s")
+    if published:
+        table.add("numpy (2 KB rows)", "create from generator vs 0.8.2", nbytes / t / 1e6,
+                  published["numpy_create"], "published", unit="MB/s")
     arr = rng.random((n, 64), dtype=np.float32)
     (t, floor), (d, _) = best_of_each([lambda p: mn.np_from_ndarray(p, arr), lambda p: plain_write(p, [arr])], tmp)
     table.add("numpy (64 float32 rows)", "create from array", arr.nbytes / t / 1e6, arr.nbytes / floor / 1e6,
@@ -360,7 +378,7 @@ def main():
             published["ragged_append_ours"] = best(lambda: store.append(np.zeros((4, 4, 3), np.uint8)), 3, 20) * 1e6
         ragged_bench(tmp, table, n, rng, published)
         strings_bench(tmp, table, n * 5, rng, published)
-        numpy_bench(tmp, table, n * 5, rng)
+        numpy_bench(tmp, table, n * 5, rng, published)
         large_sample_bench(tmp, table, max(8, int(256 * scale)))
         scaling_bench(tmp, table, max(200, int(20_000 * scale)), max(2000, int(2_000_000 * scale)))
     finally:

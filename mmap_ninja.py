@@ -732,12 +732,15 @@ class _NumpyWriter:
 
     def extend_rows(self, samples):
         """Append samples (each one row) without stacking them into a new array first."""
-        rows = [_as_sample(s, self.out_dir, self.dtype) for s in samples]
-        for row in rows:
-            if row.shape != self.tail:
-                raise ValueError(f"{self.out_dir}: every sample must have shape {self.tail} "
-                                 f"(the first sample's), got {row.shape}")
-        self.write(rows, len(rows))
+        rows = samples  # checked one by one only when the cheap checks (in C) do not pass
+        if set(map(type, rows)) != {np.ndarray} or set(map(_DTYPE, rows)) != {self.dtype}:
+            rows = [_as_sample(s, self.out_dir, self.dtype) for s in samples]
+        if set(map(_SHAPE, rows)) != {self.tail}:
+            bad = next(row.shape for row in rows if row.shape != self.tail)
+            raise ValueError(f"{self.out_dir}: every sample must have shape {self.tail} "
+                             f"(the first sample's), got {bad}")
+        rowbytes = math.prod(self.tail) * self.dtype.itemsize
+        self.write(_pack(rows, len(rows) * rowbytes), len(rows))
 
     def write(self, chunks, rows):
         """chunks: C-order arrays (or, for a Fortran store's creation, flat bytes) of `rows` rows."""
