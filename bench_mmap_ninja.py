@@ -24,18 +24,25 @@ import numpy as np
 import mmap_ninja as mn
 
 
-def best(fn, repeat=5, number=1):
+def best(fn, repeat=9, number=1):
     """Best wall time of fn over `repeat` runs of `number` calls, in seconds per call."""
-    times = []
+    return best_each([fn], repeat, number)[0]
+
+
+def best_each(fns, repeat=9, number=1):
+    """best() of each function, their runs interleaved so that other load on this shared
+    machine falls on all of them alike (a ratio of two figures is then fair)."""
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t0) / number)
-    return min(times)
+        for fn, runs in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            runs.append((time.perf_counter() - t0) / number)
+    return [min(runs) for runs in times]
 
 
-def best_of_each(writers, where, repeat=5):
+def best_of_each(writers, where, repeat=7):
     """Best times of functions that write to the path they are given, run round-robin so that
     other load falls on all of them alike. Like a real conversion, each run writes a new path;
     the previous run's output is deleted, and dirty pages are flushed, before the clock starts.
@@ -167,43 +174,54 @@ def ragged_bench(tmp, table, n, rng, published=None):
                   published["ragged_append"], "published")
     table.add("ragged (images)", "sequential iteration", best(lambda: list(store), repeat=3) / n * 1e6, floor,
               "in-memory slice")
-    batch = np.asarray(idx[:256])
-    _, floor = random_gets(store, samples, idx[:256], number=20)  # the floor on the same 256 samples
-    table.add("ragged (images)", "batch get (256 idx)", best(lambda: store[batch], number=20) / 256 * 1e6,
-              floor, "in-memory slice", target="≤1×")
-    table.add("ragged (images)", "get_padded (256 idx)", best(lambda: store.get_padded(batch), number=20) / 256 * 1e6,
-              padded_floor(samples, idx[:256]), "in-memory pad + copy", target="≤1×")
+    batch = np.asarray(idx[:256])  # the floors below are measured on the same 256 samples
+    table.add("ragged (images)", "batch get (256 idx)",
+              *per_sample(256, lambda: store[batch], slice_floor(samples, batch)), "in-memory slice", target="≤1×")
+    table.add("ragged (images)", "get_padded (256 idx)",
+              *per_sample(256, lambda: store.get_padded(batch), padded_floor(samples, batch)),
+              "in-memory pad + copy", target="≤1×")
     flat_samples = [rng.integers(0, 1000, int(rng.integers(20, 200)), dtype=np.int32) for _ in range(n)]
     flat_store = mn.RaggedMmap.from_lists(os.path.join(tmp, "ragged_flat"), flat_samples, mode="r")
     ours, floor = random_gets(flat_store, flat_samples, idx)
     table.add("ragged (1-D)", "random get", ours, floor, "in-memory slice", target="≤1.5×")
-    _, floor = random_gets(flat_store, flat_samples, idx[:256], number=20)
-    table.add("ragged (1-D)", "batch get (256 idx)", best(lambda: flat_store[batch], number=20) / 256 * 1e6,
-              floor, "in-memory slice", target="≤1×")
-    table.add("ragged (1-D)", "get_padded (256 idx)", best(lambda: flat_store.get_padded(batch), number=20) / 256 * 1e6,
-              floor, "in-memory slice", target="≤1×")
+    table.add("ragged (1-D)", "batch get (256 idx)",
+              *per_sample(256, lambda: flat_store[batch], slice_floor(flat_samples, batch)), "in-memory slice",
+              target="≤1×")
+    table.add("ragged (1-D)", "get_padded (256 idx)",
+              *per_sample(256, lambda: flat_store.get_padded(batch), slice_floor(flat_samples, batch)),
+              "in-memory slice", target="≤1×")
     shutil.rmtree(per_file_dir)
 
 
-def random_gets(store, samples, idx, number=1):
-    """µs per store[i] and per in-memory floor flat[offs[i]:offs[i+1]].reshape(shape_i)."""
+def per_sample(count, *fns, number=20):
+    """µs per sample of functions that each handle `count` samples (timed interleaved)."""
+    return [t / count * 1e6 for t in best_each(fns, number=number)]
+
+
+def slice_floor(samples, idx):
+    """The in-memory floor: flat[offs[i]:offs[i+1]].reshape(shape_i) for each i in idx."""
     flat = np.concatenate([s.reshape(-1) for s in samples])
     offs = np.concatenate([[0], np.cumsum([s.size for s in samples])])
     shapes = [s.shape for s in samples]
+    idx = [int(i) for i in idx]
 
     def floor_get():
         for i in idx:
             flat[offs[i]:offs[i + 1]].reshape(shapes[i])
+    return floor_get
 
+
+def random_gets(store, samples, idx):
+    """µs per store[i] and per in-memory floor, for random i."""
     def ours_get():
         for i in idx:
             store[i]
-    return best(ours_get, number=number) / len(idx) * 1e6, best(floor_get, number=number) / len(idx) * 1e6
+    return per_sample(len(idx), ours_get, slice_floor(samples, idx), number=1)
 
 
 def padded_floor(samples, idx):
-    """µs per sample to build get_padded's result from in-memory arrays: a padded batch
-    filled by one slice assignment per sample (what a collate_fn does)."""
+    """get_padded's result built from in-memory arrays: a padded batch filled by one slice
+    assignment per sample (what a collate_fn does)."""
     chosen = [samples[i] for i in idx]
     max_shape = tuple(np.max([s.shape for s in chosen], axis=0))
 
@@ -211,7 +229,7 @@ def padded_floor(samples, idx):
         batch = np.zeros((len(chosen),) + max_shape, chosen[0].dtype)
         for k, s in enumerate(chosen):
             batch[(k,) + tuple(map(slice, s.shape))] = s
-    return best(pad, number=20) / len(idx) * 1e6
+    return pad
 
 
 def plain_write(path, samples):
@@ -281,8 +299,8 @@ def strings_bench(tmp, table, n, rng, published=None):
         for i in idx[:500]:
             with open(os.path.join(txt_dir, f"{i % k}.txt"), encoding="utf-8") as f:
                 f.read()
-    ours = best(ours_get) / len(idx) * 1e6
-    table.add("strings (~50 B)", "random get", ours, best(floor_get) / len(idx) * 1e6,
+    ours, floor = per_sample(len(idx), ours_get, floor_get, number=1)
+    table.add("strings (~50 B)", "random get", ours, floor,
               "bytes slice + decode", per_file=best(files_get, repeat=3) / 500 * 1e6, target="≤1.5×")
     if published:
         table.add("strings (~50 B)", "random get vs 0.8.2", ours, published["strings_get"], "published")
@@ -291,8 +309,8 @@ def strings_bench(tmp, table, n, rng, published=None):
     def floor_few():
         for i in few:
             buf[offs[i]:offs[i + 1]].decode()
-    table.add("strings (~50 B)", "batch get (256 idx)", best(lambda: store[few], number=20) / 256 * 1e6,
-              best(floor_few, number=20) / 256 * 1e6, "bytes slice + decode")
+    table.add("strings (~50 B)", "batch get (256 idx)", *per_sample(256, lambda: store[few], floor_few),
+              "bytes slice + decode")
     shutil.rmtree(txt_dir)
 
 
@@ -320,15 +338,15 @@ def numpy_bench(tmp, table, n, rng, published=None):
     def floor_get():
         for i in idx:
             arr[i]
-    table.add("numpy (64 float32 rows)", "random get (np.memmap: numpy's own)", best(ours) / len(idx) * 1e6,
-              best(floor_get) / len(idx) * 1e6, "in-memory row")
+    table.add("numpy (64 float32 rows)", "random get (np.memmap: numpy's own)",
+              *per_sample(len(idx), ours, floor_get, number=1), "in-memory row")
     plain = np.asarray(m)
 
     def ours_plain():
         for i in idx:
             plain[i]
-    table.add("numpy (64 float32 rows)", "random get via np.asarray(memmap)", best(ours_plain) / len(idx) * 1e6,
-              best(floor_get) / len(idx) * 1e6, "in-memory row")
+    table.add("numpy (64 float32 rows)", "random get via np.asarray(memmap)",
+              *per_sample(len(idx), ours_plain, floor_get, number=1), "in-memory row")
     row = np.ones((1, 64), np.float32)
     table.add("numpy (64 float32 rows)", "np_extend_dir (1 row)", best(lambda: mn.np_extend_dir(d, row), number=50) * 1e6)
 
