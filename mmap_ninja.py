@@ -920,9 +920,7 @@ class _RaggedWriter:
         counts (None: from the shapes); shapes: the samples' shape tuples, or an int64 array of
         lengths for 1-D samples (None for a strings store). Returns the new count."""
         n, start = self.n, self.end
-        if self.raw:
-            pass
-        elif self.nested is not None:  # the shapes are the samples of the nested store
+        if self.nested is not None:  # the shapes are the samples of the nested store
             dims = list(map(len, shapes))
             flat_shapes = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, sum(dims))
             if sizes is None and len(dims) > 64 and dims.count(dims[0]) == len(dims):
@@ -930,7 +928,7 @@ class _RaggedWriter:
             elif sizes is None:
                 sizes = list(map(math.prod, shapes))
             dims = np.array(dims, np.int64)
-        elif isinstance(shapes, np.ndarray):
+        elif isinstance(shapes, np.ndarray) or self.raw:
             lengths = shapes
         else:  # a 0-d sample is recorded as length 0 with 1 element (the published layout)
             lengths = np.fromiter((s[0] if s else 0 for s in shapes), np.int64, len(shapes))
@@ -1332,19 +1330,15 @@ class RaggedMmap(_Sequence):
         return self.wrapper_fn(sample.copy() if self.copy_before_wrapper_fn else sample)
 
     def _get_other(self, item):
-        if self._nested and self.wrapper_fn is None and not _is_int(item):
+        if self.wrapper_fn is None and not _is_int(item):
             self._map_all()
-            rows = self._shape_rows()
-            if rows is not None and rows.shape[1] > 1:
-                idx = _indices(item, self._n, self.out_dir)
-                samples = self._window_views(idx, rows) if len(idx) else []
-                if samples is not None:
-                    return samples
+            if self._nested:  # (flat stores: _Sequence's lookups, then _build)
+                return self._views(_indices(item, self._n, self.out_dir))
         return _Sequence._get_other(self, item)
 
     def _views(self, idx):
-        """Samples idx (an int64 array, mapped) as views, wrapper_fn not applied."""
-        rows = self._shape_rows() if self._nested and len(idx) else None
+        """Samples idx (an int64 array) of a nested store (mapped), wrapper_fn not applied."""
+        rows = self._shape_rows() if len(idx) else None
         views = self._window_views(idx, rows) if rows is not None and rows.shape[1] > 1 else None
         if views is None:
             data, (starts, ends) = self._data, self._lookup(idx, "_starts", "_ends")
@@ -1381,14 +1375,11 @@ class RaggedMmap(_Sequence):
         return [windows[k][a, b:c] for k, a, b, c in zip(code.tolist(), o, q, stop)]
 
     def _build(self, keys, columns):
-        """Samples keys (mapped), given their (starts, ends)."""
+        """Samples keys (mapped), given their (starts, ends): with wrapper_fn, or of a flat store."""
         if self.wrapper_fn is not None:
             return [self[k] for k in keys]
         data = self._data
         starts, ends = columns
-        if self._nested:
-            shapes = self._shapes_of(keys)
-            return [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
         out = [data[s:e] for s, e in zip(starts, ends)]
         for k, (s, e) in enumerate(zip(starts, ends)):
             if e - s == 1 and not self._flat_shapes[keys[k]]:
