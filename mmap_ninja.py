@@ -210,17 +210,17 @@ def _read_meta(store_dir):
     return dtype, shape, order
 
 
-def _write_meta(store_dir, dtype, shape, order="C", kind="numpy", durable=False):
-    """Create a numpy store's metadata; type.ninja comes last, so its presence means 'complete'."""
+def _write_meta(store_dir, dtype, shape, order="C", kind="numpy", durable=False, part=False):
+    """Create a numpy store's metadata; type.ninja comes last, so its presence means 'complete'
+    (written atomically, unless the store is part of one being created, whose own type.ninja
+    decides). A data file already there is kept."""
     os.makedirs(store_dir, exist_ok=True)
     join = os.path.join
     _write_new(join(store_dir, "dtype.ninja"), _dtype_to_text(dtype, store_dir).encode(), durable)
     _write_new(join(store_dir, "shape.ninja"), b"".join(_U64.pack(int(a)) for a in shape), durable)
     _write_new(join(store_dir, "order.ninja"), order.encode(), durable)
-    data_path = join(store_dir, "data.ninja")
-    if not os.path.exists(data_path):
-        open(data_path, "wb").close()
-    _write_atomic(join(store_dir, "type.ninja"), kind.encode(), durable)
+    os.close(os.open(join(store_dir, "data.ninja"), os.O_WRONLY | os.O_CREAT, 0o666))
+    (_write_new if part else _write_atomic)(join(store_dir, "type.ninja"), kind.encode(), durable)
 
 
 def _open_fd(path, writable):
@@ -827,29 +827,29 @@ def _shapes_dir(store_dir):
     return path
 
 
-def _create_ragged(store_dir, dtype, nested, raw=False, zstd=None, durable=False):
-    """Metadata of an empty ragged (or strings, raw=True) store; type.ninja is written last."""
+def _create_ragged(store_dir, dtype, nested, raw=False, zstd=None, durable=False, part=False):
+    """Metadata of an empty ragged (or strings, raw=True) store; type.ninja is written last
+    (atomically, unless the store is part of one being created). Its parts' files are written
+    in place: a store being created is not one until its type.ninja exists."""
     os.makedirs(store_dir, exist_ok=True)
     for name in ("starts", "ends") + (() if raw else ("flattened_shapes",)):
-        _write_meta(os.path.join(store_dir, name), np.int64, (0,), durable=durable)
+        _write_meta(os.path.join(store_dir, name), np.int64, (0,), durable=durable, part=True)
     if raw:
         if zstd is not None:
             level, dictionary = zstd
             if dictionary is not None:
                 _write_new(os.path.join(store_dir, "zstd_dict.ninja"), dictionary, durable)
             _write_new(os.path.join(store_dir, "zstd_level.ninja"), str(level).encode(), durable)
-        data_path = os.path.join(store_dir, "data.ninja")
-        if not os.path.exists(data_path):
-            open(data_path, "wb").close()
+        os.close(os.open(os.path.join(store_dir, "data.ninja"), os.O_WRONLY | os.O_CREAT, 0o666))
         _write_atomic(os.path.join(store_dir, "type.ninja"), b"string", durable)
         return
     shapes = os.path.join(store_dir, "shapes")
     if nested:
-        _create_ragged(shapes, np.int64, nested=False, durable=durable)
+        _create_ragged(shapes, np.int64, nested=False, durable=durable, part=True)
     else:
-        _write_meta(shapes, np.int64, (0, 1), durable=durable)
+        _write_meta(shapes, np.int64, (0, 1), durable=durable, part=True)
     _write_new(os.path.join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0 if nested else 1), durable)
-    _write_meta(store_dir, dtype, (0,), kind="ragged", durable=durable)
+    _write_meta(store_dir, dtype, (0,), kind="ragged", durable=durable, part=part)
 
 
 class _RaggedWriter:
