@@ -1,6 +1,6 @@
 """Benchmark for mmap_ninja.py: each operation next to its floor and to one-file-per-sample.
 
-    python bench_mmap_ninja.py            # about a minute; prints a markdown table
+    python bench_mmap_ninja.py            # about 20 seconds; prints a markdown table
     python bench_mmap_ninja.py --quick    # a few seconds (CI smoke run)
     python bench_mmap_ninja.py --scale 4  # 4x more samples
     python bench_mmap_ninja.py --published DIR  # also the published package installed in DIR
