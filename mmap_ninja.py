@@ -59,8 +59,10 @@ Commit protocol (what makes a killed writer harmless): an append first writes sa
 the committed end of each file, then updates lengths, each with one 8-byte in-place write of
 the first axis in ``shape.ninja``, in the order data, shapes, flattened_shapes, ends, starts. The
 sample count (``starts``) is written last, so every reader sees either the old samples or the
-new ones, and the next append overwrites whatever a killed writer left behind. New metadata
-files are written to a temporary name and ``os.replace``-d. Writers of one store are serialized
+new ones, and the next append overwrites whatever a killed writer left behind. A new store's
+files are written in place and its ``type.ninja`` last, to a temporary name then ``os.replace``-d:
+a directory is a store once ``type.ninja`` exists. Metadata changed later (the dtype of an empty
+store, the flatness flag) is ``os.replace``-d too. Writers of one store are serialized
 with ``flock`` on its directory where the platform has it. Appends are not fsync-ed unless
 ``durable=True`` is passed (or ``flush()`` called): a killed process never loses committed
 samples, but power loss may lose the latest ones.
