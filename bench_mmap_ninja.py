@@ -312,6 +312,12 @@ def strings_bench(tmp, table, n, rng, published=None):
             buf[offs[i]:offs[i + 1]].decode()
     table.add("strings (~50 B)", "batch get (256 idx)", *per_sample(256, lambda: store[few], floor_few),
               "bytes slice + decode")
+
+    def floor_all():
+        for i in range(n):
+            buf[offs[i]:offs[i + 1]].decode()
+    table.add("strings (~50 B)", "sequential iteration", *per_sample(n, lambda: list(store), floor_all, number=1),
+              "bytes slice + decode")
     shutil.rmtree(txt_dir)
 
 
@@ -348,6 +354,11 @@ def numpy_bench(tmp, table, n, rng, published=None):
             plain[i]
     table.add("numpy (64 float32 rows)", "random get via np.asarray(memmap)",
               *per_sample(len(idx), ours_plain, floor_get, number=1), "in-memory row")
+    table.add("numpy (64 float32 rows)", "sequential iteration via np.asarray(memmap)",
+              *per_sample(n, lambda: list(plain), lambda: list(arr), number=1), "in-memory rows")
+    batch = np.asarray(idx[:256])
+    table.add("numpy (64 float32 rows)", "batch get (256 idx, a copy)",
+              *per_sample(256, lambda: m[batch], lambda: arr[batch]), "in-memory fancy index")
     row = np.ones((1, 64), np.float32)
     table.add("numpy (64 float32 rows)", "np_extend_dir (1 row)", best(lambda: mn.np_extend_dir(d, row), number=50) * 1e6)
 
@@ -361,18 +372,23 @@ def scaling_bench(tmp, table, small, large):
         lengths = np.random.default_rng(n).integers(1, 8, n)
         mn.RaggedMmap.from_generator(d, (np.full(k, 7, np.uint8) for k in lengths), 1 << 16)
         mn.StringsMmap.from_generator(s, ("x" * int(k) for k in lengths), 1 << 16)
+        a = os.path.join(tmp, f"scalen{n}")
+        mn.np_from_ndarray(a, lengths.astype(np.uint8))
         store, strings = mn.RaggedMmap(d), mn.StringsMmap(s)
         sample = np.arange(10, dtype=np.uint8)
         results[n] = dict(
             open=best(lambda: mn.RaggedMmap(d), number=50) * 1e6,
             append=best(lambda: store.append(sample), number=200) * 1e6,
             open_s=best(lambda: mn.StringsMmap(s), number=50) * 1e6,
-            append_s=best(lambda: strings.append("hello world"), number=200) * 1e6)
+            append_s=best(lambda: strings.append("hello world"), number=200) * 1e6,
+            open_n=best(lambda: mn.np_open_existing(a), number=50) * 1e6,
+            append_n=best(lambda: mn.np_extend_dir(a, sample[:1]), number=200) * 1e6)
         store.close()
         strings.close()
     a, b = results[small], results[large]
     for key, store, op in (("open", "ragged", "open"), ("append", "ragged", "append 1 sample"),
-                           ("open_s", "strings", "open"), ("append_s", "strings", "append 1 string")):
+                           ("open_s", "strings", "open"), ("append_s", "strings", "append 1 string"),
+                           ("open_n", "numpy", "np_open_existing"), ("append_n", "numpy", "np_extend_dir 1 row")):
         table.add(store, f"{op} at {large:,} samples", b[key], a[key], f"same at {small:,}",
                   target="≤1.5×" + (", <100 µs" if "append" in key else ""))
 
