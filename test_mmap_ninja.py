@@ -653,6 +653,31 @@ def test_batch_reads_and_get_padded_match_the_samples(layout, tmp_path):
     assert_same_samples(store[n - 5:], samples[n - 5:])
 
 
+@pytest.mark.parametrize("dtype", [">f4", "<U3", "M8[s]", "?", "c8", [("a", "<i2"), ("b", ">f4", (2,))]])
+def test_batch_paths_keep_exact_dtypes(dtype, tmp_path):
+    """The strided windows and the gathered runs work on the data's own dtype."""
+    dtype, rng = np.dtype(dtype), np.random.default_rng(3)
+    for layout, shape in (("flat", lambda: (int(rng.integers(0, 6)),)),
+                          ("uniform", lambda: (int(rng.integers(0, 5)), 2)),
+                          ("images", lambda: (int(rng.integers(1, 4)), int(rng.integers(1, 4)), 2))):
+        samples = []
+        for _ in range(30):
+            values = rng.integers(0, 50, shape())
+            sample = np.zeros(values.shape, dtype)
+            if dtype.names:
+                sample["a"], sample["b"] = values, (values / 2)[..., None]
+            else:
+                sample[...] = values.astype(str) if dtype.kind == "U" else values
+            samples.append(sample)
+        store = RaggedMmap.from_lists(tmp_path / layout, samples)
+        idx = [29, 3, 0, 28, 15]
+        assert_same_samples(store[idx], [samples[i] for i in idx])
+        batch, shapes = store.get_padded(idx)
+        assert batch.dtype == dtype
+        for row, i in zip(batch, idx):
+            np.testing.assert_array_equal(row[tuple(slice(a) for a in samples[i].shape)], samples[i])
+
+
 def test_get_padded_samples_in_the_last_run(tmp_path):
     # data [0 1 2 3 | 10 | 20 21]: runs of 4 elements start at 0..3, so sample 1 (at 4) and
     # sample 2 (at 5) are copied one by one
