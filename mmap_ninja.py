@@ -509,14 +509,6 @@ class _Windows(dict):
         return window
 
 
-class _Slices(dict):
-    """slice(n) for each n asked, made once."""
-
-    def __missing__(self, n):
-        self[n] = made = slice(n)
-        return made
-
-
 class Wrapped:
     """Apply ``wrapper_fn`` lazily to each sample of ``data`` on ``__getitem__``.
 
@@ -922,6 +914,7 @@ class _RaggedWriter:
         counts (None: from the shapes); shapes: the samples' shape tuples, or an int64 array of
         lengths for 1-D samples (None for a strings store). Returns the new count."""
         n, start = self.n, self.end
+        lengths = shapes  # (a strings store has none)
         if self.nested is not None:  # the shapes are the samples of the nested store
             dims = list(map(len, shapes))
             flat_shapes = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, sum(dims))
@@ -930,9 +923,8 @@ class _RaggedWriter:
             elif sizes is None:
                 sizes = list(map(math.prod, shapes))
             dims = np.array(dims, np.int64)
-        elif isinstance(shapes, np.ndarray) or self.raw:
-            lengths = shapes
-        else:  # a 0-d sample is recorded as length 0 with 1 element (the published layout)
+        elif not (self.raw or isinstance(shapes, np.ndarray)):
+            # a 0-d sample is recorded as length 0 with 1 element (the published layout)
             lengths = np.fromiter((s[0] if s else 0 for s in shapes), np.int64, len(shapes))
         sizes = np.asarray(sizes, np.int64)
         offsets = np.empty(len(sizes) + 1, np.int64)
@@ -1514,10 +1506,9 @@ class RaggedMmap(_Sequence):
             for j, a0, a1, sample in zip(order.tolist(), *shapes[order, :2].T.tolist(), samples):
                 batch[j, :a0, :a1] = sample
             return batch, shapes
-        # destinations (j, :a0, :a1, ...) built by zip and map, in C, from one slice object per
-        # length (making three slices per sample cost more than the copies)
-        cut = _Slices().__getitem__
-        for destination, sample in zip(zip(order.tolist(), *[map(cut, axis) for axis in shapes[order].T.tolist()]), samples):
+        # three or more varying axes: destinations (j, :a0, :a1, ...) built by zip and map, in C
+        destinations = zip(order.tolist(), *[map(slice, axis) for axis in shapes[order].T.tolist()])
+        for destination, sample in zip(destinations, samples):
             batch[destination] = sample
         return batch, shapes
 
