@@ -733,13 +733,13 @@ class _NumpyWriter:
             bad = next(row.shape for row in rows if row.shape != self.tail)
             raise ValueError(f"{self.out_dir}: every sample must have shape {self.tail} "
                              f"(the first sample's), got {bad}")
-        rowbytes = math.prod(self.tail) * self.dtype.itemsize
-        self.write(_pack(rows, len(rows) * rowbytes), len(rows))
+        self.write(rows, len(rows))
 
     def write(self, chunks, rows):
-        """chunks: C-order arrays (or, for a Fortran store's creation, flat bytes) of `rows` rows."""
+        """chunks: C-order arrays (or, for a Fortran store's creation, flat bytes) of `rows` rows;
+        many small ones are joined into one buffer first (_pack)."""
         rowbytes = int(np.prod(self.tail, dtype=np.int64)) * self.dtype.itemsize
-        _write_all(self.fd, self.rows * rowbytes, chunks)
+        _write_all(self.fd, self.rows * rowbytes, _pack(chunks, rows * rowbytes))
         if self.durable:
             os.fsync(self.fd)
         self.rows += rows
