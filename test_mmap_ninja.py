@@ -678,6 +678,51 @@ def test_batch_paths_keep_exact_dtypes(dtype, tmp_path):
             np.testing.assert_array_equal(row[tuple(slice(a) for a in samples[i].shape)], samples[i])
 
 
+@pytest.mark.parametrize("masks_max", [None, 0])
+def test_get_padded_images_through_byte_masks(masks_max, tmp_path, monkeypatch):
+    """Images take one gather of full-width rows, which carries whatever follows each row in
+    the data, then a byte-mask AND; with masks_max=0 (masks too large) every sample is copied
+    one by one. Both must pad exactly: bytes past a row here are NaN or the next sample's,
+    pads are zero and nonzero, and the last samples end too near the data's end for a row."""
+    if masks_max is not None:
+        monkeypatch.setattr(mmap_ninja, "_PAD_MASKS_MAX", masks_max)
+    copied = []
+    copy_each = RaggedMmap._copy_each
+    monkeypatch.setattr(RaggedMmap, "_copy_each", lambda self, batch, idx, shapes, which=None: copied.append(
+        len(idx) if which is None else len(which)) or copy_each(self, batch, idx, shapes, which))
+    rng = np.random.default_rng(11)
+    samples = []
+    for k in range(40):
+        sample = np.full((int(rng.integers(0, 7)), int(rng.integers(1, 7)), 2), np.nan)
+        sample[..., 0] = k  # channel 0 tells samples apart, channel 1 is NaN
+        samples.append(sample)
+    store = RaggedMmap.from_lists(tmp_path / "r", samples)
+    n = len(samples)
+    for idx in ([n - 1, 0, n - 2, 5], np.arange(n), rng.integers(0, n, 64)):
+        for pad in (0, -1.5):
+            copied.clear()
+            batch, shapes = store.get_padded(idx, pad_value=pad)
+            want, want_shapes = padded_reference([samples[i] for i in idx], pad, np.float64)
+            assert batch.dtype == np.float64 and batch.flags.writeable and batch.flags.c_contiguous
+            np.testing.assert_array_equal(batch, want)  # NaN only where the samples have it
+            np.testing.assert_array_equal(shapes, want_shapes)
+            # the fast path copies one by one only the samples at the end of the data (here
+            # the last two)
+            assert sum(copied) == (len(idx) if masks_max == 0 else sum(int(i) >= n - 2 for i in idx))
+    batch[:] = 7  # a new array: the store is untouched
+    assert_same_samples(store[[0, n - 1]], [samples[0], samples[n - 1]])
+    # a third axis that varies from now on: the batch is copied one by one, at its real shape
+    store.append(np.full((1, 1, 3), 9.0))
+    batch, _ = store.get_padded([n, 0], pad_value=-1)
+    np.testing.assert_array_equal(batch, padded_reference([np.full((1, 1, 3), 9.0), samples[0]], -1, np.float64)[0])
+    # shapes that are not regular (2-D and 3-D samples mixed): which axes vary is found per batch
+    mixed = RaggedMmap.from_lists(tmp_path / "m", [np.ones((2, 2))] + samples)
+    copied.clear()
+    batch, _ = mixed.get_padded([1, 6, 3], pad_value=-1)
+    np.testing.assert_array_equal(batch, padded_reference([samples[0], samples[5], samples[2]], -1, np.float64)[0])
+    assert sum(copied) == (3 if masks_max == 0 else 0)
+
+
 def test_get_padded_samples_in_the_last_run(tmp_path):
     # data [0 1 2 3 | 10 | 20 21]: runs of 4 elements start at 0..3, so sample 1 (at 4) and
     # sample 2 (at 5) are copied one by one
@@ -685,6 +730,16 @@ def test_get_padded_samples_in_the_last_run(tmp_path):
     batch, shapes = store.get_padded([1, 2, 0], pad_value=-1)
     assert batch.tolist() == [[10, -1, -1, -1], [20, 21, -1, -1], [0, 1, 2, 3]]
     assert shapes.tolist() == [[1], [2], [4]]
+
+
+def test_get_padded_images_at_the_end_of_the_data(tmp_path):
+    # data [0 1 2 3 | 4 | 5 6]: the batch's rows are 2 elements wide, so full rows start at
+    # 0..5; sample 1's rows start at 4 and 5 and are gathered, sample 2's at 5 and 6 are not
+    samples = [np.arange(4).reshape(2, 2), np.array([[4]]), np.array([[5], [6]])]
+    store = RaggedMmap.from_lists(tmp_path / "r", samples)
+    batch, shapes = store.get_padded([2, 0, 1], pad_value=-1)
+    assert batch.tolist() == [[[5, -1], [6, -1]], [[0, 1], [2, 3]], [[4, -1], [-1, -1]]]
+    assert shapes.tolist() == [[2, 1], [2, 2], [1, 1]]
 
 
 def test_batch_reads_follow_appends_and_recreation(tmp_path):
