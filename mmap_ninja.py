@@ -528,7 +528,7 @@ def _pad_plan(rows, cols, c, size):
     span = rows * line
     h0w0 = table.reshape(-1)[span:2 * span].view(("V", span))  # all zeros: h = 0, w = 0
     masks = np.lib.stride_tricks.as_strided(h0w0, (rows + 1, cols + 1), (-line, 2 * span), writeable=False)
-    steps = np.multiply.outer(np.arange(cols + 1) * c, np.arange(rows))
+    steps = np.multiply.outer(np.arange(cols + 1, dtype=np.int64) * c, np.arange(rows, dtype=np.int64))
     steps.flags.writeable = False
     return masks, steps
 
