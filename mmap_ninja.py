@@ -1130,6 +1130,11 @@ class _Sequence:
         idx = _indices(item, self._n, self.out_dir)
         return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
 
+    def _batch(self, idx):
+        """Samples idx (an int64 array of indices already checked against len(self))."""
+        self._map_all()
+        return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
+
     def _lookup(self, keys, *names):
         """column[k] for k in keys, for each named int64 view: a numpy gather for an index
         array, else one itemgetter call (C) over the view."""
@@ -1353,6 +1358,12 @@ class RaggedMmap(_Sequence):
             if self._nested:  # (flat stores: _Sequence's lookups, then _build)
                 return self._views(_indices(item, self._n, self.out_dir))
         return _Sequence._get_other(self, item)
+
+    def _batch(self, idx):
+        if self.wrapper_fn is None and self._nested:
+            self._map_all()
+            return self._views(idx)
+        return _Sequence._batch(self, idx)
 
     def _views(self, idx):
         """Samples idx (an int64 array) of a nested store (mapped), wrapper_fn not applied."""
@@ -1991,6 +2002,7 @@ class ShardedMmap:
         self.wrapper_fn = wrapper_fn
         self.shards = [open_existing(p, wrapper_fn) for p in self.paths]
         self._bounds = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
+        self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
 
     def __reduce__(self):
         return (ShardedMmap, (self.paths, self.wrapper_fn))
@@ -2008,7 +2020,23 @@ class ShardedMmap:
                 i += n
             k = bisect.bisect_right(self._bounds, i) - 1
             return self.shards[k][i - self._bounds[k]]
-        return [self[i] for i in _indices(item, len(self), "ShardedMmap").tolist()]
+        idx = _indices(item, len(self), "ShardedMmap")
+        shard_of = np.searchsorted(self._first, idx, "right") - 1
+        counts = np.bincount(shard_of, minlength=len(self.shards)).tolist()
+        if sum(map(bool, counts)) * 16 > len(idx):  # a few indices per shard: one at a time
+            return [self[i] for i in idx.tolist()]
+        got, where = [], []  # each shard's batch read, and where its samples go
+        for k, count in enumerate(counts):
+            if count:
+                mine = np.flatnonzero(shard_of == k) if count < len(idx) else None
+                local, shard = (idx if mine is None else idx[mine]) - self._bounds[k], self.shards[k]
+                got += shard._batch(local) if isinstance(shard, _Sequence) else [shard[i] for i in local.tolist()]
+                where.append(mine)
+        if len(where) == 1:
+            return got
+        order = np.empty(len(idx), np.int64)  # order[j]: where in got the sample asked j-th is
+        order[np.concatenate(where)] = np.arange(len(idx))
+        return list(operator.itemgetter(*order.tolist())(got))  # back to the order asked
 
     def __iter__(self):
         for shard in self.shards:

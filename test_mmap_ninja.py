@@ -952,6 +952,45 @@ def test_sharded(tmp_path):
         ShardedMmap(tmp_path / "shards" / "not-a-store")
 
 
+@pytest.mark.parametrize("kind", ["images", "flat", "strings", "numpy"])
+def test_sharded_batch_reads_each_shard_once(kind, tmp_path, monkeypatch):
+    """A batch with many indices per shard is one batch read per shard, put back in the order
+    asked; it must equal reading one index at a time (negatives and repeats included)."""
+    rng = np.random.default_rng(5)
+    shards = []
+    for k, size in enumerate([70, 0, 50, 90]):  # an empty shard too
+        path = tmp_path / "shards" / f"part-{k}"
+        if kind == "strings":
+            StringsMmap.from_strings(path, [f"{k}-{i}-" + "ü" * int(rng.integers(0, 4)) for i in range(size)])
+        elif kind == "numpy":
+            np_ninja.from_ndarray(path, np.arange(size * 3, dtype=np.int16).reshape(size, 3) + 1000 * k)
+        else:
+            shape = (lambda: (int(rng.integers(1, 5)), int(rng.integers(1, 5)), 2)) if kind == "images" else (
+                lambda: (int(rng.integers(0, 6)),))
+            RaggedMmap.from_lists(path, [rng.integers(0, 99, shape()) + 1000 * k for _ in range(size)])
+        shards.append(path)
+    sharded = ShardedMmap(shards)
+    assert len(sharded) == 210
+    batches = []
+    monkeypatch.setattr(RaggedMmap, "_batch", lambda self, idx, real=RaggedMmap._batch: batches.append(len(idx)) or real(self, idx))
+    monkeypatch.setattr(StringsMmap, "_batch", lambda self, idx, real=StringsMmap._batch: batches.append(len(idx)) or real(self, idx))
+    idx = rng.integers(-210, 210, 300)
+    expected = [sharded[int(i)] for i in idx]
+    got = sharded[idx]
+    assert len(got) == 300
+    if kind == "strings":
+        assert got == expected
+    else:
+        assert_same_samples(got, expected)
+    if kind != "numpy":  # three shards hold indices: one batch read each
+        assert len(batches) == 3 and sum(batches) == 300
+    batches.clear()
+    assert_same = (lambda a, b: a == b) if kind == "strings" else (lambda a, b: all(map(np.array_equal, a, b)))
+    assert assert_same(sharded[[3, 150, 3]], [sharded[3], sharded[150], sharded[3]]) and not batches  # few: one at a time
+    tail = sharded[np.arange(130, 210)]  # all in the last shard: no reordering
+    assert assert_same(tail, [sharded[i] for i in range(130, 210)])
+
+
 @pytest.fixture
 def ragged_dir(tmp_path):
     RaggedMmap.from_lists(tmp_path / "r", [np.arange(4), np.arange(2)])
