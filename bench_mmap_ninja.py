@@ -8,6 +8,7 @@
 Writes the figures to bench_results.json (see --json). Standard library + numpy only.
 """
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -182,6 +183,7 @@ def ragged_bench(tmp, table, n, rng, published=None):
                                           padded_floor(samples, batch))
     table.add("ragged (images)", "get_padded (256 idx)", padded, floor, "in-memory slice", target="≤1×")
     table.add("ragged (images)", "get_padded vs a collate_fn", padded, pad_floor, "in-memory pad + copy")
+    sharded_bench(tmp, table, samples, batch)
     flat_samples = [rng.integers(0, 1000, int(rng.integers(20, 200)), dtype=np.int32) for _ in range(n)]
     flat_store = mn.RaggedMmap.from_lists(os.path.join(tmp, "ragged_flat"), flat_samples, mode="r")
     ours, floor = random_gets(flat_store, flat_samples, idx)
@@ -193,6 +195,31 @@ def ragged_bench(tmp, table, n, rng, published=None):
               *per_sample(256, lambda: flat_store.get_padded(batch), slice_floor(flat_samples, batch)),
               "in-memory slice", target="≤1×")
     shutil.rmtree(per_file_dir)
+
+
+def sharded_bench(tmp, table, samples, batch):
+    """ShardedMmap over two halves of the images. Its floor is the in-memory slice over the same
+    two shards: find the shard (bisect), then slice its flat array."""
+    half = len(samples) // 2
+    parts = [samples[:half], samples[half:]]
+    for k, part in enumerate(parts):
+        mn.RaggedMmap.from_generator(os.path.join(tmp, "sharded", str(k)), iter(part), 4096)
+    store = mn.ShardedMmap(os.path.join(tmp, "sharded"))
+    bounds = [0, half, len(samples)]
+    flats = [np.concatenate([s.reshape(-1) for s in part]) for part in parts]
+    offsets = [np.concatenate([[0], np.cumsum([s.size for s in part])]) for part in parts]
+    shapes = [[s.shape for s in part] for part in parts]
+    idx = [int(i) for i in batch]
+
+    def floor_get():
+        for i in idx:
+            k = bisect.bisect_right(bounds, i) - 1
+            j, offs = i - bounds[k], offsets[k]
+            flats[k][offs[j]:offs[j + 1]].reshape(shapes[k][j])
+    ours, floor, flat_floor = per_sample(256, lambda: store[batch], floor_get, slice_floor(samples, batch))
+    table.add("sharded (2 image shards)", "batch get (256 idx)", ours, floor, "in-memory slice, 2 shards",
+              target="≤1×")
+    table.add("sharded (2 image shards)", "batch get vs one array", ours, flat_floor, "in-memory slice")
 
 
 def consume(iterable):
