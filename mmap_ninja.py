@@ -490,6 +490,8 @@ class _Windows(dict):
     def __init__(self, data, columns, lo, hi):
         super().__init__()
         self.data, self.columns = data, columns  # the store's shapes, axis by axis
+        # no sample reaches further than its start plus this past the end of its window's row
+        self.reach = math.prod(hi.tolist()) + math.prod(hi[1:].tolist())
         self.axes = len(columns) - 1
         self.bits = 62 // self.axes  # per axis of t in a key
         lo, hi = lo[1:].tolist(), hi[1:].tolist()  # each trailing axis's least and greatest length
@@ -1391,11 +1393,14 @@ class RaggedMmap(_Sequence):
             row, code = trailing[0], trailing[0]  # elements per step along the first axis; key
             for j, axis in enumerate(trailing[1:], 1):
                 row, code = row * axis, code | (axis << (windows.bits * j))
-        q, o = np.divmod(self._gather("_starts", idx), row)
+        starts = self._gather("_starts", idx)
+        q, o = np.divmod(starts, row)
         stop = q + first
         # a window holds a sample that ends at least `row - s % row` elements before the end of
-        # the data (stop * row + row <= len + 1, see _Windows.__missing__): all but the last few
-        if int(((stop + 1) * row).max()) > len(data) + 1:
+        # the data (stop * row + row <= len + 1, see _Windows.__missing__): all but the last
+        # few, so the exact check runs only for batches that come near the end
+        end = len(data) + 1
+        if int(starts.max()) + windows.reach > end and int(((stop + 1) * row).max()) > end:
             return None
         o, q, stop = o.tolist(), q.tolist(), stop.tolist()
         if windows.row is not None:
