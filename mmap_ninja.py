@@ -1830,15 +1830,19 @@ def _encodable(string):
         return False
 
 
-def _utf8_joined(strings, path):
-    """(the UTF-8 bytes of all strings, joined; each one's length in bytes).
+def _utf8_chunks(strings, path):
+    """(the UTF-8 bytes of the strings, as byte chunks to write in order; each string's
+    length in bytes).
 
-    Encoding one string costs ~120 ns, most of it per-object overhead, so the strings are
-    joined with NUL separators and encoded at once; the separators' positions then give
-    the lengths, and bytes.replace drops them. Strings that hold NULs themselves, non-str
-    items and lone surrogates go one by one (where _utf8 names what is wrong)."""
+    Encoding one string costs ~120 ns, most of it per-object overhead, so many small strings
+    are joined with NUL separators and encoded at once; the separators' positions then give
+    the lengths, and bytes.replace drops them. Large strings, where that costs three more
+    passes over the bytes, go one by one, and so do few strings, strings that hold NULs
+    themselves, non-str items and lone surrogates (where _utf8 names what is wrong)."""
+    ends = (strings[0], strings[-1]) if len(strings) > 16 else ()
+    small = ends and all(type(s) is str and len(s) < 4096 for s in ends)  # judged by two
     try:
-        joined = "\0".join(strings).encode() if len(strings) > 16 else None  # (few: one by one)
+        joined = "\0".join(strings).encode() if small else None
     except (TypeError, UnicodeEncodeError):
         joined = None
     if joined is not None:
@@ -1846,9 +1850,9 @@ def _utf8_joined(strings, path):
         seps = np.flatnonzero(np.frombuffer(joined, np.uint8) == 0)
         if len(seps) == len(strings) - 1:  # no string holds a NUL of its own
             bounds[0], bounds[1:-1], bounds[-1] = -1, seps, len(joined)
-            return joined.replace(b"\0", b""), bounds[1:] - bounds[:-1] - 1
+            return [joined.replace(b"\0", b"")], bounds[1:] - bounds[:-1] - 1
     encoded = _utf8(strings, path)
-    return b"".join(encoded), list(map(len, encoded))
+    return encoded, list(map(len, encoded))  # (the writer joins them when they are small)
 
 
 class StringsMmap(_Sequence):
@@ -1914,14 +1918,14 @@ class StringsMmap(_Sequence):
         strings = list_of_strings if type(list_of_strings) is list and not verbose else \
             list(_progress(list_of_strings, desc="strings", verbose=verbose))
         if self._zstd is not None:  # one zstd frame per string
-            encoded = list(map(self._zstd[0], _utf8(strings, self.out_dir)))
-            data, sizes = b"".join(encoded), list(map(len, encoded))
+            chunks = list(map(self._zstd[0], _utf8(strings, self.out_dir)))
+            sizes = list(map(len, chunks))
         else:
-            data, sizes = _utf8_joined(strings, self.out_dir)
+            chunks, sizes = _utf8_chunks(strings, self.out_dir)
         if not len(sizes):
             return
         with self._writing() as writer:
-            self._appended(writer.append([data], sizes, None))
+            self._appended(writer.append(chunks, sizes, None))
 
     def _encode_replacement(self, i, value):
         if not isinstance(value, str):

@@ -838,15 +838,19 @@ def test_strings_refused_input_and_setitem(tmp_path):
 
 
 def test_strings_batches_encode_exactly(tmp_path):
-    """Batches are encoded joined by NULs and split where the NULs are: strings that hold
-    NULs themselves, empty strings and every UTF-8 length must still come back exactly."""
+    """Batches of small strings are encoded joined by NULs and split where the NULs are;
+    large ones one by one: strings that hold NULs themselves, empty strings and every UTF-8
+    length must still come back exactly."""
     texts = ["", "a\0b", "\0", "ü", "日本語", "🙂x", "", "plain", "\0\0end"] * 3
     plain = ["ü" * (i % 4) + "日" * (i % 3) + "x" * (i % 5) for i in range(40)]  # no NULs: joined
     store = StringsMmap.from_strings(tmp_path / "s", texts)
     store.extend(plain)
     store.extend(["ü" * 3, "", "a"])
     store.extend(["x\0"])
-    assert list(StringsMmap(tmp_path / "s")) == texts + plain + ["ü" * 3, "", "a", "x\0"]
+    # large strings (the first and last of the batch 4096+ long) are encoded one by one
+    large = ["ü日🙂\0x"[i % 5] * (4096 + 37 * i) for i in range(20)]
+    store.extend(large)
+    assert list(StringsMmap(tmp_path / "s")) == texts + plain + ["ü" * 3, "", "a", "x\0"] + large
     ends = np.fromfile(tmp_path / "s" / "ends" / "data.ninja", "<i8")
     assert ends.tolist() == np.cumsum([len(t.encode()) for t in list(store)]).tolist()
 
