@@ -45,14 +45,17 @@ def best_each(fns, repeat=9, number=1):
 
 def best_of_each(writers, where, repeat=7):
     """Best times of functions that write to the path they are given, run round-robin so that
-    other load falls on all of them alike. Like a real conversion, each run writes a new path,
-    after dirty pages are flushed. Earlier runs' outputs are deleted only at the end: on this
-    VM's ext4 (mounted with discard), deleting just before a timed write made that write wait
-    for the discards, by up to 3x. Returns the best times and the paths of the last runs."""
+    other load falls on all of them alike, each round starting one writer later: on this VM a
+    write's place in the round moved its speed by up to 2x (the same f.write ran at 4.5 GB/s
+    second and 2.3 GB/s fourth). Like a real conversion, each run writes a new path, after
+    dirty pages are flushed. Earlier runs' outputs are deleted only at the end: on this VM's
+    ext4 (mounted with discard), deleting just before a timed write made that write wait for
+    the discards, by up to 3x. Returns the best times and the paths of the last runs."""
     out = tempfile.mkdtemp(prefix="best-", dir=where)
     times, paths = [[] for _ in writers], [[] for _ in writers]
     for run in range(repeat):
-        for k, write in enumerate(writers):
+        for k in [(run + j) % len(writers) for j in range(len(writers))]:
+            write = writers[k]
             paths[k].append(os.path.join(out, f"{k}-{run}"))
             if hasattr(os, "sync"):
                 os.sync()
@@ -282,11 +285,30 @@ def large_sample_bench(tmp, table, count):
     (floor, ragged, numpy_t), _ = best_of_each([
         lambda p: plain_write(p, samples),
         lambda p: mn.RaggedMmap.from_generator(p, iter(samples), 64),
-        lambda p: mn.np_from_generator(p, iter(samples), 64)], tmp, repeat=3)
+        lambda p: mn.np_from_generator(p, iter(samples), 64)], tmp)
     table.add("ragged (1 MB samples)", "create from generator", nbytes / ragged / 1e6, nbytes / floor / 1e6,
               "plain f.write", unit="MB/s", target="≥25%")
     table.add("numpy (1 MB rows)", "create from generator", nbytes / numpy_t / 1e6, nbytes / floor / 1e6,
               "plain f.write", unit="MB/s", target="≥25%")
+    # 1 MB strings of the same text as the small ones. Writing a str means encoding it: the
+    # floor is f.write of the same strings to a UTF-8 text file; the second row shows f.write
+    # of bytes encoded beforehand, which leaves the encoding (~850 MB/s here) out
+    alphabet = np.array([ord(ch) for ch in "abcdefghij klmnopqrstuvwxyzü"], np.uint32)
+    texts = [alphabet[rng.integers(0, len(alphabet), 1 << 20)].tobytes().decode("utf-32-le") for _ in range(count)]
+    encoded = [t.encode() for t in texts]
+    tbytes = sum(map(len, encoded))
+
+    def text_write(path):
+        with open(path, "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(t)
+    (t_strings, text_floor, bytes_floor), _ = best_of_each([
+        lambda p: mn.StringsMmap.from_generator(p, iter(texts), 64), text_write,
+        lambda p: plain_write(p, encoded)], tmp)
+    table.add("strings (1 MB)", "create from generator", tbytes / t_strings / 1e6, tbytes / text_floor / 1e6,
+              "f.write to a text file", unit="MB/s", target="≥25%")
+    table.add("strings (1 MB)", "create vs writing pre-encoded bytes", tbytes / t_strings / 1e6,
+              tbytes / bytes_floor / 1e6, "plain f.write", unit="MB/s")
     # memory: peak traced allocations while converting, in batches of 16 samples (16 MB)
     def gen():
         for _ in range(count):
