@@ -358,7 +358,7 @@ def strings_bench(tmp, table, n, rng, published=None):
         for i in idx[:500]:
             with open(os.path.join(txt_dir, f"{i % k}.txt"), encoding="utf-8") as f:
                 f.read()
-    ours, floor = per_sample(len(idx), ours_get, floor_get, number=1)
+    ours, floor = per_sample(len(idx), ours_get, floor_get, number=1, repeat=25)  # (see random_gets)
     table.add("strings (~50 B)", "random get", ours, floor,
               "bytes slice + decode", per_file=best(files_get, repeat=3) / 500 * 1e6, target="≤1.5×")
     if published:
@@ -377,6 +377,14 @@ def strings_bench(tmp, table, n, rng, published=None):
     table.add("strings (~50 B)", "sequential iteration", *per_sample(n, lambda: consume(store), floor_all, number=1),
               "bytes slice + decode")
     shutil.rmtree(txt_dir)
+    # memory: peak traced allocations while converting strings that the generator makes (as a
+    # reader of text files would), against one batch of 4096 of them as str objects
+    one = sum(map(sys.getsizeof, words[:4096]))
+    tracemalloc.start()
+    mn.StringsMmap.from_generator(os.path.join(tmp, "strings_memory"), (w.encode().decode() for w in words), 4096)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    table.add("strings (~50 B)", "peak memory / one batch", peak / one, None, unit="×", target="≤2.5×")
 
 
 def numpy_bench(tmp, table, n, rng, published=None):
