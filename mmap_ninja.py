@@ -1129,8 +1129,7 @@ class _Sequence:
                 columns = None  # _indices below says what is wrong
             if columns is not None:
                 return self._build(item, columns)
-        idx = _indices(item, self._n, self.out_dir)
-        return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
+        return self._batch(_indices(item, self._n, self.out_dir))
 
     def _batch(self, idx):
         """Samples idx (an int64 array of indices already checked against len(self))."""
@@ -1839,8 +1838,7 @@ def _utf8_chunks(strings, path):
     the lengths, and bytes.replace drops them. Large strings, where that costs three more
     passes over the bytes, go one by one, and so do few strings, strings that hold NULs
     themselves, non-str items and lone surrogates (where _utf8 names what is wrong)."""
-    ends = (strings[0], strings[-1]) if len(strings) > 16 else ()
-    small = ends and all(type(s) is str and len(s) < 4096 for s in ends)  # judged by two
+    small = len(strings) > 16 and all(type(s) is str and len(s) < 4096 for s in (strings[0], strings[-1]))
     try:
         joined = "\0".join(strings).encode() if small else None
     except (TypeError, UnicodeEncodeError):
