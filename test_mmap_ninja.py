@@ -975,9 +975,9 @@ def test_sharded_batch_reads_each_shard_once(kind, tmp_path, monkeypatch):
         shards.append(path)
     sharded = ShardedMmap(shards)
     assert len(sharded) == 210
-    batches = []
-    monkeypatch.setattr(RaggedMmap, "_batch", lambda self, idx, real=RaggedMmap._batch: batches.append(len(idx)) or real(self, idx))
-    monkeypatch.setattr(StringsMmap, "_batch", lambda self, idx, real=StringsMmap._batch: batches.append(len(idx)) or real(self, idx))
+    batches = []  # the length of each shard's batch read
+    for cls in (RaggedMmap, StringsMmap):
+        monkeypatch.setattr(cls, "_batch", lambda self, idx, real=cls._batch: batches.append(len(idx)) or real(self, idx))
     idx = rng.integers(-210, 210, 300)
     expected = [sharded[int(i)] for i in idx]
     got = sharded[idx]
