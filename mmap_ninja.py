@@ -1571,11 +1571,7 @@ class RaggedMmap(_Sequence):
         last = len(data) - width  # full runs start at elements 0..last
         if last < 0 or not width or not size or (cols + 1) * 2 * rows * width * size > _PAD_MASKS_MAX:
             return self._copy_each(np.full((k,) + max_shape, pad), idx, shapes)
-        view = self._np_views.get(("_runs", width))
-        if view is None:  # item e: the `width` elements that start at element e
-            view = np.lib.stride_tricks.as_strided(data[:width].view(("V", width * size)), (last + 1,),
-                                                   (size,), writeable=False)
-            self._np_views[("_runs", width)] = view
+        view = self._run_view(width)
         masks, steps = _pad_plan(rows, cols, c, size)
         h, w = shapes[:, 0], shapes[:, 1]
         offsets = steps.take(w, 0)  # take: 2.5x faster than steps[w] on a small table
@@ -1595,17 +1591,28 @@ class RaggedMmap(_Sequence):
             self._copy_each(batch, idx, shapes, late)
         return batch
 
+    def _run_view(self, width):
+        """A read-only view of the mapped data whose item e is the `width` elements (width > 0,
+        at most the data's length) that start at element e, as one void item: gathering such
+        runs copies each with one memcpy. Made once per width and mapping."""
+        view = self._np_views.get(("_runs", width))
+        if view is None:
+            data = self._data
+            view = np.lib.stride_tricks.as_strided(data[:width].view(("V", width * data.itemsize)),
+                                                   (len(data) - width + 1,), (data.itemsize,), writeable=False)
+            self._np_views[("_runs", width)] = view
+        return view
+
     def _runs(self, starts, lengths, width, pad):
         """A new (len(starts), width) array whose row j is data[starts[j]:][:lengths[j]] padded
-        with pad: one gather through a strided view of every run of `width` elements, then one
-        masked fill. Rows that start in the last `width` elements are copied one by one."""
+        with pad: one gather through _run_view, then one masked fill. Rows that start in the
+        last `width` elements are copied one by one."""
         data = self._data
         last = len(data) - width  # full runs start at 0..last
-        if last < 0 or not width:
+        if last < 0 or not width or not data.itemsize:
             out, late = np.full((len(starts), width), pad), range(len(starts))
         else:
-            runs = np.lib.stride_tricks.as_strided(data, (last + 1, width), data.strides * 2, writeable=False)
-            out = runs[np.minimum(starts, last)]  # a copy
+            out = self._run_view(width)[np.minimum(starts, last)[:, None]].view(data.dtype)  # a copy
             small = np.int16 if width < 1 << 15 else np.int64  # masks build 3x faster in int16
             np.copyto(out, pad, where=np.arange(width, dtype=small) >= lengths.astype(small)[:, None])
             late = np.flatnonzero(starts > last).tolist()
