@@ -82,6 +82,7 @@ import argparse
 import ast
 import bisect
 import contextlib
+import errno
 import functools
 import itertools
 import math
@@ -89,10 +90,13 @@ import mmap
 import operator
 import os
 import shutil
+import stat
 import struct
 import sys
+import threading
 import time
 import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,49 +118,139 @@ _I32 = struct.Struct("<i")
 _NATIVE_LITTLE = sys.byteorder == "little"
 # Python 3.13 lets a map live without holding a duplicate file descriptor.
 _MMAP_KW = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+# Every name the format uses inside a store directory: what a writer clears from a store that
+# was never completed. Anything else in the directory is the user's and is never touched.
+_FORMAT_NAMES = ("type.ninja", "dtype.ninja", "shape.ninja", "order.ninja", "data.ninja", "starts",
+                 "ends", "shapes", "shapes.new", "shapes.old", "flattened_shapes",
+                 "shapes_are_flat.ninja", "zstd_level.ninja", "zstd_dict.ninja")
+# Metadata files are a few bytes (a dtype literal at most a few KB): reads are bounded, so a
+# hostile or damaged file (a device, a huge literal) cannot feed us without end.
+_META_MAX = 1 << 16
+_O_CLOEXEC, _O_NOFOLLOW = getattr(os, "O_CLOEXEC", 0), getattr(os, "O_NOFOLLOW", 0)
+# O_NONBLOCK: opening a FIFO planted in a store returns at once (and is then refused) instead
+# of waiting forever for a writer. It changes nothing for regular files.
+_O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
+_O_WRITE = os.O_RDWR | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC | _O_NOFOLLOW
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate newlines
 
 
-def _read_bytes(path, what):
+def _open_fd(path, what="file", write=False, root=None):
+    """A descriptor of the regular file at path. Readers follow symlinks to regular files;
+    writers never write through a symlink nor outside `root` (the store's directory)."""
+    if write and root is not None:
+        _check_inside(path, root)
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, (_O_WRITE if write else _O_READ) | _BINARY)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{what} is missing: {path} does not exist (the store is damaged, or this directory "
             f"is not a mmap_ninja store)") from None
     except PermissionError as e:
-        raise PermissionError(f"cannot read {what} {path}: {e.strerror}") from None
+        action = f"open {path} for writing" if write else f"read {what} {path}"
+        raise PermissionError(f"cannot {action}: {e.strerror}; check the store's file "
+                              f"permissions") from e
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise PermissionError(f"{path} is a symbolic link: mmap_ninja never writes through "
+                                  f"links; replace it with the file it points to") from e
+        raise OSError(e.errno, f"cannot open {what} {path}: {e.strerror}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
+        raise ValueError(f"{path} is a {kind}, not a regular file: the store is damaged (mmap_ninja "
+                         f"reads and writes only regular files)")
+    return fd
 
 
-def _read_text(path, what):
-    raw = _read_bytes(path, what)
+def _check_inside(path, root):
+    """Refuse to write to path when a symlink leads it out of the store at root."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise PermissionError(f"{path} leads outside the store {root} through a symbolic link: "
+                              f"mmap_ninja never writes outside a store; replace the link with "
+                              f"the file or directory itself")
+
+
+def _read_bytes(path, what, limit=_META_MAX):
+    """A whole small file, refusing anything that is not a regular file of at most limit bytes."""
+    fd = _open_fd(path, what)
+    try:
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ValueError(f"{what} {path} is larger than {limit} bytes: not a mmap_ninja {what} "
+                         f"file (the store is damaged)")
+    return b"".join(chunks)
+
+
+def _read_text(path, what, limit=_META_MAX):
+    raw = _read_bytes(path, what, limit)
     try:
         return raw.decode("ascii").strip()
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path} is not ASCII text: {raw[:40]!r}") from None
 
 
-def _write_atomic(path, data, durable=False):
-    """Write a whole small file so that readers see the old content or the new, never a mix."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_fd(fd, data, offset=None):
+    """Write all of data (at offset, else at the current position): a write may be short
+    (Linux writes at most 0x7ffff000 bytes per call), so loop until every byte is down."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        if offset is None or not hasattr(os, "pwrite"):
+            if offset is not None:  # pragma: no cover - Windows has no pwrite
+                os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, view)
+        else:
+            written = os.pwrite(fd, view, offset)
+        if offset is not None:
+            offset += written
+        view = view[written:]
 
 
 def _write_new(path, data, durable=False):
-    """Write a small file of a store being created: no rename needed, because the store's
-    type.ninja, written last (atomically), is what makes the directory a store."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    """Create a small file of a store being created (never over an existing file or link): no
+    rename needed, because the store's type.ninja, written last, makes the directory a store."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _BINARY, 0o666)
     try:
-        os.write(fd, data)
+        _write_fd(fd, data)
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_atomic(path, data, durable=False):
+    """Replace a small file so that readers see the old content or the new, never a mix. The
+    temporary file has an unpredictable name and is created exclusively: nothing planted at a
+    guessable name can redirect the write."""
+    tmp = _unique(path + ".tmp-")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _BINARY, 0o666)
+    try:
+        try:
+            _write_fd(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _unique(prefix):
+    """prefix + this process's id + random letters: a name nobody can guess in advance (the
+    caller creates it exclusively), that says which process made it."""
+    return f"{prefix}{os.getpid()}-{os.urandom(6).hex()}"
 
 
 def _dtype_to_text(dtype, path=""):
@@ -165,6 +259,9 @@ def _dtype_to_text(dtype, path=""):
     if dtype.hasobject:
         raise TypeError(f"{path}: dtype {dtype!r} holds Python objects, which cannot be "
                         f"memory-mapped; convert to a numeric, bool, bytes or str dtype first")
+    if dtype.itemsize == 0:
+        raise TypeError(f"{path}: dtype {dtype!r} has size 0, so it holds no data; give strings "
+                        f"and bytes a length (e.g. 'U8', 'S16') or store them in a StringsMmap")
     candidates = [dtype.name, dtype.str] if dtype.names is None else [repr(dtype.descr)]
     for text in candidates:
         try:
@@ -181,15 +278,18 @@ def _parse_dtype(text, path="dtype.ninja"):
         # Structured dtypes are stored as the literal of dtype.descr; literal_eval never runs code.
         spec = ast.literal_eval(text) if text.startswith("[") else text
         dtype = np.dtype(spec)
-    except (TypeError, ValueError, SyntaxError, MemoryError) as e:
-        raise ValueError(f"{path}: cannot parse dtype {text!r}: {e}") from None
+    except (TypeError, ValueError, SyntaxError, MemoryError, RecursionError) as e:
+        raise ValueError(f"{path}: cannot parse dtype {_short(text)}: {e}") from e
     if dtype.hasobject:
         raise ValueError(f"{path}: dtype {text!r} holds Python objects; refusing to map it")
+    if dtype.itemsize == 0:
+        raise ValueError(f"{path}: dtype {text!r} has size 0, so no sample could hold data: "
+                         f"the store is damaged")
     return dtype
 
 
 def _read_kind(store_dir):
-    kind = _read_text(os.path.join(store_dir, "type.ninja"), "store type")
+    kind = _read_text(os.path.join(store_dir, "type.ninja"), "store type", 64)
     if kind not in ("numpy", "ragged", "string"):
         raise ValueError(f"{store_dir}: unknown store type {kind!r} in type.ninja "
                          f"(expected 'numpy', 'ragged' or 'string')")
@@ -198,45 +298,43 @@ def _read_kind(store_dir):
 
 def _read_meta(store_dir):
     """dtype, shape and order of the numpy store (or ragged data) in store_dir."""
-    dtype = _parse_dtype(_read_text(os.path.join(store_dir, "dtype.ninja"), "dtype"),
-                         os.path.join(store_dir, "dtype.ninja"))
-    shape_path = os.path.join(store_dir, "shape.ninja")
-    raw = _read_bytes(shape_path, "shape")
+    join = os.path.join
+    dtype = _parse_dtype(_read_text(join(store_dir, "dtype.ninja"), "dtype"), join(store_dir, "dtype.ninja"))
+    shape_path = join(store_dir, "shape.ninja")
+    raw = _read_bytes(shape_path, "shape", 8 * 64)  # numpy arrays have at most 64 axes
     if len(raw) % 8:
         raise ValueError(f"{shape_path} is {len(raw)} bytes long, not a multiple of 8: "
                          f"the shape file is damaged")
     shape = struct.unpack(f"<{len(raw) // 8}Q", raw)
-    order_path = os.path.join(store_dir, "order.ninja")
-    order = _read_text(order_path, "order") if os.path.exists(order_path) else "C"
+    if math.prod(shape) * dtype.itemsize >= 1 << 63:
+        raise ValueError(f"{shape_path}: shape {shape} of {dtype} would need more bytes than any "
+                         f"file holds: the shape file is damaged")
+    order_path = join(store_dir, "order.ninja")
+    order = _read_text(order_path, "order", 64) if os.path.lexists(order_path) else "C"
     if order not in ("C", "F"):
         raise ValueError(f"{order_path}: order must be 'C' or 'F', found {order!r}")
     return dtype, shape, order
 
 
-def _write_meta(store_dir, dtype, shape, order="C", kind="numpy", durable=False, part=False):
-    """Create a numpy store's metadata; type.ninja comes last, so its presence means 'complete'
-    (written atomically, unless the store is part of one being created, whose own type.ninja
-    decides). A data file already there is kept."""
+def _write_meta(store_dir, dtype, shape, order="C", kind="numpy", durable=False, data=b"\0", typed=True):
+    """Create a numpy store's metadata and data file in a new directory; type.ninja comes last
+    (unless not typed: the caller writes it), so its presence means 'complete'."""
     os.makedirs(store_dir, exist_ok=True)
     join = os.path.join
     _write_new(join(store_dir, "dtype.ninja"), _dtype_to_text(dtype, store_dir).encode(), durable)
     _write_new(join(store_dir, "shape.ninja"), b"".join(_U64.pack(int(a)) for a in shape), durable)
     _write_new(join(store_dir, "order.ninja"), order.encode(), durable)
-    os.close(os.open(join(store_dir, "data.ninja"), os.O_WRONLY | os.O_CREAT, 0o666))
-    (_write_new if part else _write_atomic)(join(store_dir, "type.ninja"), kind.encode(), durable)
+    # An empty store's data file holds one byte, not zero, as the published writer leaves it:
+    # its readers cannot map an empty file. Ours read only what the metadata commits, and the
+    # first append overwrites the byte.
+    _write_new(join(store_dir, "data.ninja"), data, durable)
+    if typed:
+        _write_new(join(store_dir, "type.ninja"), kind.encode(), durable)
 
 
-def _open_fd(path, writable):
-    try:
-        return os.open(path, (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY, 0o666)
-    except PermissionError as e:
-        raise PermissionError(f"cannot open {path} for {'writing' if writable else 'reading'}: "
-                              f"{e.strerror}; check the store's file permissions") from None
-
-
-def _map(path, nbytes, access=mmap.ACCESS_READ, what="data"):
+def _map(path, nbytes, access=mmap.ACCESS_READ, what="data", root=None):
     """Map the first nbytes of path (None for 0 bytes, which mmap cannot map)."""
-    fd = _open_fd(path, access == mmap.ACCESS_WRITE)
+    fd = _open_fd(path, what, access == mmap.ACCESS_WRITE, root)
     try:
         size = os.fstat(fd).st_size
         if size < nbytes:
@@ -300,7 +398,7 @@ def _write_here(fd, chunks):
         while done < len(buffers) and written >= sizes[done]:
             written -= sizes[done]
             done += 1
-        if written:  # a partial write (rare): continue inside this buffer
+        if written:  # a short write: continue inside this buffer
             rest = memoryview(buffers[done]).cast("B")[written:]
             buffers[done], sizes[done] = rest, rest.nbytes
     return total
@@ -315,38 +413,67 @@ def _pread(fd, size, offset):
 
 def _set_length(fd, n):
     """Commit a store's first-axis length: one 8-byte in-place write no killed process can tear."""
-    if hasattr(os, "pwrite"):
-        written = os.pwrite(fd, _U64.pack(n), 0)
-    else:  # pragma: no cover - Windows
-        os.lseek(fd, 0, os.SEEK_SET)
-        written = os.write(fd, _U64.pack(n))
-    if written != 8:  # pragma: no cover - never seen for 8 bytes
-        raise OSError(f"short write committing length {n}")
+    _write_fd(fd, _U64.pack(n), 0)
+
+
+@contextlib.contextmanager
+def _naming(path, action="write to"):
+    """OSErrors that name no file (disk full, I/O errors) name the store they happened in."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None or str(path) in str(e):
+            raise
+        raise OSError(e.errno, f"{e.strerror}: cannot {action} the store {path} (its committed "
+                               f"samples are intact)") from e
 
 
 def _as_sample(value, path, dtype=None):
-    """value as an ndarray that can be stored; refuses objects and impossible casts up front."""
+    """value as an ndarray that can be stored (cast to dtype when given, see _cast); refuses
+    objects and impossible casts up front."""
     if type(value) is np.ndarray and (dtype is None or value.dtype == dtype) and not value.dtype.hasobject:
         return value  # the common case, checked cheaply
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as e:  # ragged nested lists and the like
-        raise TypeError(f"{path}: cannot store {type(value).__name__} value as an array: {e}") from None
+        raise TypeError(f"{path}: cannot store {type(value).__name__} value as an array: {e}") from e
     if arr.dtype.hasobject:
         raise TypeError(f"{path}: sample {_short(value)} is not array-like (numpy gives it "
                         f"object dtype); samples must be numeric, bool, bytes or str arrays")
-    if dtype is not None and arr.dtype != dtype:
-        lossy = not np.can_cast(arr.dtype, dtype, casting="same_kind")
-        if dtype.kind in "USV" and arr.dtype.kind == dtype.kind:  # would silently truncate
-            lossy = lossy or arr.dtype.itemsize > dtype.itemsize
-        if not lossy and arr.dtype.kind in "iu" and dtype.kind in "iu" and arr.size:
-            info = np.iinfo(dtype)  # integers must fit: no silent wrap-around
-            lossy = int(arr.min()) < info.min or int(arr.max()) > info.max
-        if lossy:
-            raise TypeError(f"{path}: cannot store a sample of dtype {arr.dtype} in a store of "
-                            f"dtype {dtype} without losing values; convert it first")
-        arr = arr.astype(dtype)
-    return arr
+    return arr if dtype is None or arr.dtype == dtype else _cast(arr, dtype, path)
+
+
+# Casting kinds that hold the same sort of values: numbers (bool, integers, floats, complex),
+# str, bytes, datetimes, timedeltas. Structured and other void dtypes cast only safely.
+_KIND_GROUPS = {kind: group for group in ("biufc", "U", "S", "M", "m") for kind in group}
+
+
+def _cast(arr, dtype, path):
+    """arr as dtype, refused with TypeError when any value would change: an integer that does
+    not fit, a float that is not a whole number in range, a finite float that overflows, an
+    integer a float cannot hold exactly, a string that would be cut, a date losing precision.
+    One thing is allowed to change: rounding a float to a narrower float (0.1 into float32)."""
+    source = arr.dtype
+    group = _KIND_GROUPS.get(dtype.kind)
+    if np.can_cast(source, dtype, "safe") and (group is None or _KIND_GROUPS.get(source.kind) == group):
+        return arr.astype(dtype)
+    if group is None or _KIND_GROUPS.get(source.kind) != group:
+        raise TypeError(f"{path}: cannot store values of dtype {source} in a store of dtype "
+                        f"{dtype}; convert them first")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (ComplexWarning: checked below)
+        out = arr.astype(dtype)
+        if source.kind in "fc" and dtype.kind in "fc":  # rounding is fine, overflow is not
+            kept = np.isfinite(out) | ~np.isfinite(arr)
+            if dtype.kind == "f" and source.kind == "c":
+                kept &= arr.imag == 0
+            lossless = bool(kept.all())
+        else:
+            lossless = np.array_equal(out.astype(source), arr, equal_nan=source.kind in "fcmM")
+    if not lossless:
+        raise TypeError(f"{path}: cannot store a sample of dtype {source} in a store of dtype "
+                        f"{dtype} without losing values; convert it first")
+    return out
 
 
 def _short(value):
@@ -362,32 +489,193 @@ def _check_batch_size(batch_size):
 
 class _Lock:
     """flock on a store's directory: one writer at a time, across processes and objects. The
-    directory stays open between uses (a writer appends many times); close() lets it go."""
+    directory stays open between uses (a writer appends many times); close() lets it go. A
+    forked child never uses (nor unlocks) the descriptor it inherited, which shares its lock
+    with the parent: it opens its own."""
 
     def __init__(self, store_dir):
-        self.store_dir, self.fd, self.held = store_dir, None, False
+        self.store_dir, self.fd, self.pid, self.held = store_dir, None, os.getpid(), False
 
     def __enter__(self):
-        if fcntl is not None:
-            try:
-                if self.fd is None:
-                    self.fd = os.open(self.store_dir, os.O_RDONLY)
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-                self.held = True
-            except OSError:  # a file system without flock: carry on unlocked
-                pass
+        if fcntl is None:  # pragma: no cover - Windows: writers are not locked
+            return self
+        if self.pid != os.getpid():
+            self.fd, self.held, self.pid = None, False, os.getpid()  # (the parent's to close)
+        if self.fd is None:
+            self.fd = os.open(self.store_dir, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.held = True
+        except OSError as e:  # a file system without locks (some NFS setups)
+            warnings.warn(f"{self.store_dir}: cannot lock the store ({e.strerror}); writing without "
+                          f"a lock, so do not let two processes write to it at once", RuntimeWarning, 2)
         return self
 
     def __exit__(self, *exc):
         if self.held:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
             self.held = False
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def current(self):
+        """Whether the directory locked is still the one at store_dir (a store re-created by
+        from_* is swapped in as a new directory)."""
+        if self.fd is None:
+            return True
+        held, there = os.fstat(self.fd), os.stat(self.store_dir)
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
     def close(self):
-        self.__exit__()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.pid == os.getpid():
+            self.__exit__()
+            if self.fd is not None:
+                os.close(self.fd)
+        self.fd = None
+
+
+###################################################################################################
+# Creating a store: built aside, swapped in when complete
+###################################################################################################
+
+@contextlib.contextmanager
+def _creating(out_dir, durable=False):
+    """Yield a new, empty directory to build a store in, then swap it in for what out_dir held.
+
+    Until the swap the old store (if any) stays readable and intact, and a failure or a killed
+    process leaves it as it was: the build lives in a hidden directory beside out_dir (inside
+    it when out_dir is a mount point), removed on failure or by the next build once its
+    process is gone. Where the platform can exchange two directories atomically (Linux's
+    renameat2) readers see the old store or the new one, never neither. Files in out_dir that
+    are not part of the format are kept."""
+    shown = os.fspath(out_dir)
+    target = os.path.realpath(shown)  # a symlinked out_dir keeps its link
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"{shown} is a file, not a directory: a store is a directory; "
+                                 f"choose another path")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    inside = os.path.isdir(target) and os.stat(target).st_dev != os.stat(parent).st_dev
+    where, prefix = (target, ".ninja-new-") if inside else (parent, f".{os.path.basename(target)}.ninja-new-")
+    _remove_dead_builds(where, prefix)
+    build = _unique(os.path.join(where, prefix))
+    os.mkdir(build)  # (exclusive; permissions as for any directory the user makes)
+    try:
+        with _naming(shown, "create"):
+            yield build
+            if durable:
+                _fsync_tree(build)
+            _swap_in(build, target, inside)
+            if durable:
+                _fsync_tree(parent, recurse=False)
+    except BaseException as e:
+        shutil.rmtree(build, ignore_errors=True)
+        _relabel(e, build, shown)
+        raise
+
+
+def _relabel(error, build, shown):
+    """Messages about a store being built name the path the user gave, not the hidden one."""
+    for attr in ("args", "strerror", "reason", "filename"):
+        value = getattr(error, attr, None)
+        if isinstance(value, str) and build in value:
+            setattr(error, attr, value.replace(build, shown))
+        elif attr == "args" and isinstance(value, tuple):
+            error.args = tuple(a.replace(build, shown) if isinstance(a, str) else a for a in value)
+
+
+def _remove_dead_builds(where, prefix):
+    """Remove what builds killed before their swap left behind (named with their process id)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(where):
+            if name.startswith(prefix) and name[len(prefix):].split("-")[0].isdigit():
+                pid = int(name[len(prefix):].split("-")[0])
+                if not _alive(pid):
+                    shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # (another user's, or we cannot tell: leave it)
+    return True
+
+
+def _swap_in(build, target, inside):
+    """Put the complete store in build at target. The old store is deleted before its writer
+    lock is released, so a writer waiting on it then finds it gone (see _RaggedWriter.stale)."""
+    if not os.path.isdir(target):
+        try:
+            return os.rename(build, target)
+        except OSError:  # created meanwhile: swap as below
+            pass
+    lock = _Lock(target)
+    try:
+        with lock:
+            for name in os.listdir(target):  # files that are not the store's move with it
+                if name.split(".tmp-")[0] not in _FORMAT_NAMES and not name.startswith(".ninja-new-"):
+                    os.rename(os.path.join(target, name), os.path.join(build, name))
+            if not inside and _exchange(build, target):
+                old = build  # (now holds the old store)
+            else:  # entry by entry: type.ninja leaves first and comes back last
+                old = _unique(os.path.join(target, ".ninja-new-"))
+                os.mkdir(old)
+                for name in os.listdir(target):
+                    if name.split(".tmp-")[0] in _FORMAT_NAMES:
+                        os.rename(os.path.join(target, name), os.path.join(old, name))
+                for name in sorted(os.listdir(build), key=lambda n: n == "type.ninja"):
+                    os.rename(os.path.join(build, name), os.path.join(target, name))
+                os.rmdir(build)
+            shutil.rmtree(old)
+    finally:
+        lock.close()
+
+
+def _exchange(a, b):
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where that is
+    not available (other platforms, old kernels, file systems such as NFS)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - musl, very old glibc
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync_tree(root, recurse=True):
+    """fsync every file and directory under root (root alone when not recurse)."""
+    for top, dirs, files in os.walk(root) if recurse else [(root, [], [])]:
+        for path in [os.path.join(top, name) for name in files] + [top]:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _check_directory(path):
+    """A store is a directory: a missing one is an empty store, a file is refused."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        hint = " (a .npy file: np.load it, or convert it with python -m mmap_ninja from-npy)" \
+            if str(path).endswith(".npy") else ""
+        raise NotADirectoryError(f"{path} is a file, not a mmap_ninja store directory{hint}")
+
+
+def _clear_unfinished(store_dir):
+    """A directory without type.ninja holds no store: remove the parts a creation killed
+    before its end left (format names and temporary files only; a writer, under the lock)."""
+    for name in os.listdir(store_dir):
+        path = os.path.join(store_dir, name)
+        if name in _FORMAT_NAMES or ".tmp-" in name:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+
 
 
 ###################################################################################################
@@ -591,6 +879,7 @@ def _open_memmap(out_dir, mode="r", rows=None):
     out_dir = os.fspath(out_dir)
     if mode not in ("r", "r+", "c"):
         raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
+    _check_directory(out_dir)
     kind = _read_kind(out_dir)
     if kind != "numpy":
         raise ValueError(f"{out_dir} is a {kind} store, not a numpy store; open it with "
@@ -599,12 +888,19 @@ def _open_memmap(out_dir, mode="r", rows=None):
     if rows is not None and shape:
         shape = (min(rows, shape[0]),) + shape[1:]
     path = os.path.join(out_dir, "data.ninja")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
+    fd = _open_fd(path, "data", mode == "r+", out_dir)  # (regular file, inside the store)
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size < nbytes or (not shape and size != nbytes):  # (a 0-d store holds exactly one item)
+        raise ValueError(f"{path} holds {size} bytes but shape.ninja says {shape} of {dtype}, "
+                         f"{nbytes} bytes: the store is damaged")
     if nbytes == 0:  # mmap cannot map nothing; an empty memmap-typed array stands in
         arr = np.ndarray.__new__(_NinjaMemmap, shape, dtype, order=order)
-        arr.filename, arr.mode, arr.offset, arr._mmap = os.path.abspath(path), mode, 0, None
+        arr.filename, arr.mode, arr.offset = os.path.abspath(path), mode, 0
     else:
-        _map(path, nbytes, what="data").close()  # the clear error for a short file
         arr = _NinjaMemmap(path, dtype=dtype, mode=mode, shape=shape, order=order)
     arr._ninja_dir = os.path.abspath(out_dir)
     return arr
@@ -617,66 +913,49 @@ def np_open_existing(out_dir, mode="r"):
 
 def np_empty(out_dir, dtype, shape, order="C"):
     """Create a numpy store of zeros and return it as a writable ``np.memmap``."""
-    out_dir = os.fspath(out_dir)
     dtype = np.dtype(dtype)
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(a) for a in shape)
-    _clear_store(out_dir)
-    _write_meta(out_dir, dtype, (0,) + shape[1:] if shape else (), order)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    with open(os.path.join(out_dir, "data.ninja"), "r+b") as f:
-        f.truncate(nbytes)
-    if shape:
-        fd = _open_fd(os.path.join(out_dir, "shape.ninja"), True)
-        try:
-            _set_length(fd, shape[0])
-        finally:
-            os.close(fd)
+    with _creating(out_dir) as build:
+        _write_meta(build, dtype, shape, order, data=b"")
+        with open(os.path.join(build, "data.ninja"), "r+b") as f:
+            f.truncate(max(math.prod(shape) * dtype.itemsize, 1))
     return _open_memmap(out_dir, "r+")
 
 
 def np_from_ndarray(out_dir, arr):
     """Write ``arr`` as a numpy store in ``out_dir``; returns it as a writable ``np.memmap``."""
-    out_dir = os.fspath(out_dir)
     arr = _as_sample(arr, out_dir)
-    _clear_store(out_dir)
     order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-    if arr.ndim == 0:
-        _write_meta(out_dir, arr.dtype, (), order)
-        with open(os.path.join(out_dir, "data.ninja"), "wb") as f:
-            f.write(arr.tobytes())
-        return _open_memmap(out_dir, "r+")
-    _write_meta(out_dir, arr.dtype, (0,) + arr.shape[1:], order)
-    with _NumpyWriter(out_dir, creating=True) as writer:
-        writer.write([np.asarray(arr, order=order).reshape(-1, order="A")], arr.shape[0])
+    with _creating(out_dir) as build:
+        if arr.ndim == 0:
+            _write_meta(build, arr.dtype, (), order, data=arr.tobytes())
+        else:
+            _write_meta(build, arr.dtype, (0,) + arr.shape[1:], order)
+            with _NumpyWriter(build, creating=True) as writer:
+                writer.write([np.asarray(arr, order=order).reshape(-1, order="A")], arr.shape[0])
     return _open_memmap(out_dir, "r+")
 
 
 def np_from_generator(out_dir, sample_generator, batch_size, verbose=False):
-    """Stack the samples of a generator into a numpy store; at most one batch is held in memory
-    and the store is committed every ``batch_size`` samples."""
-    out_dir = os.fspath(out_dir)
+    """Stack the samples of a generator into a numpy store; at most one batch is held in memory.
+    The store appears when the generator is exhausted (an old one stays until then)."""
     batch_size = _check_batch_size(batch_size)
-    writer = None
-    batch = []
-    try:
-        for sample in _progress(sample_generator, desc="numpy", verbose=verbose):
-            if writer is None:
-                first = _as_sample(sample, out_dir)
-                _clear_store(out_dir)
-                _write_meta(out_dir, first.dtype, (0,) + first.shape)
-                writer = _NumpyWriter(out_dir).__enter__()
-            batch.append(sample)
-            if len(batch) == batch_size:
+    with _creating(out_dir) as build:
+        writer = None
+        try:
+            for batch in _batched(_progress(sample_generator, desc="numpy", verbose=verbose), batch_size):
+                if writer is None:
+                    first = _as_sample(batch[0], out_dir)
+                    _write_meta(build, first.dtype, (0,) + first.shape)
+                    writer = _NumpyWriter(build).__enter__()
                 writer.extend_rows(batch)
-                batch = []
+                batch.clear()  # let the samples go before the next batch is read
+        finally:
+            if writer is not None:
+                writer.__exit__()
         if writer is None:
             raise ValueError(f"{out_dir}: the generator yielded no samples, so the store's dtype "
                              f"and shape cannot be inferred; use np_empty(out_dir, dtype, shape)")
-        if batch:
-            writer.extend_rows(batch)
-    finally:
-        if writer is not None:
-            writer.__exit__()
     return _open_memmap(out_dir, "r+")
 
 
@@ -703,7 +982,11 @@ def _memmap_dir(np_mmap):
     filename = getattr(np_mmap, "filename", None)
     if not filename:
         raise TypeError(f"expected a np.memmap opened by mmap_ninja, got {type(np_mmap).__name__}")
-    return os.path.dirname(filename)
+    out_dir = os.path.dirname(filename)
+    if getattr(np_mmap, "mode", "r+") == "r":
+        raise ValueError(f"{out_dir} is open read-only (mode='r'): append through a memmap opened "
+                         f"with mode='r+', or with np_extend_dir({out_dir!r}, rows)")
+    return out_dir
 
 
 class _NumpyWriter:
@@ -714,8 +997,10 @@ class _NumpyWriter:
         self.durable = durable
         self.creating = creating  # a new Fortran-order store is written whole, once
         self.lock = _Lock(out_dir)
+        self.fd = self.shape_fd = None
 
     def __enter__(self):
+        _check_directory(self.out_dir)
         if _read_kind(self.out_dir) != "numpy":
             raise ValueError(f"{self.out_dir} is not a numpy store; only numpy stores extend by rows")
         self.lock.__enter__()
@@ -728,15 +1013,18 @@ class _NumpyWriter:
                                  f"{len(shape)} dimensions would rewrite every byte; recreate it "
                                  f"from a C-order array (np.ascontiguousarray)")
             self.rows, self.tail = shape[0], shape[1:]
-            self.fd = _open_fd(os.path.join(self.out_dir, "data.ninja"), True)
-            self.shape_fd = _open_fd(os.path.join(self.out_dir, "shape.ninja"), True)
+            self.rowbytes = math.prod(self.tail) * self.dtype.itemsize
+            join = os.path.join
+            self.fd = _open_fd(join(self.out_dir, "data.ninja"), "data", True, self.out_dir)
+            _check_size(join(self.out_dir, "data.ninja"), self.rows * self.rowbytes, "data")
+            self.shape_fd = _open_fd(join(self.out_dir, "shape.ninja"), "shape", True, self.out_dir)
         except BaseException:
-            self.lock.close()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc):
-        for fd in (getattr(self, "fd", None), getattr(self, "shape_fd", None)):
+        for fd in (self.fd, self.shape_fd):
             if fd is not None:
                 os.close(fd)
         self.fd = self.shape_fd = None
@@ -764,14 +1052,14 @@ class _NumpyWriter:
     def write(self, chunks, rows):
         """chunks: C-order arrays (or, for a Fortran store's creation, flat bytes) of `rows` rows;
         many small ones are joined into one buffer first (_pack)."""
-        rowbytes = int(np.prod(self.tail, dtype=np.int64)) * self.dtype.itemsize
-        _write_all(self.fd, self.rows * rowbytes, _pack(chunks, rows * rowbytes))
-        if self.durable:
-            os.fsync(self.fd)
-        self.rows += rows
-        _set_length(self.shape_fd, self.rows)
-        if self.durable:
-            os.fsync(self.shape_fd)
+        with _naming(self.out_dir):
+            _write_all(self.fd, self.rows * self.rowbytes, _pack(chunks, rows * self.rowbytes))
+            if self.durable:
+                os.fsync(self.fd)
+            self.rows += rows
+            _set_length(self.shape_fd, self.rows)
+            if self.durable:
+                os.fsync(self.shape_fd)
 
 
 ###################################################################################################
@@ -782,16 +1070,21 @@ class _Column:
     """The writer's side of one numpy store inside a ragged or strings store (data, starts,
     ends, ...): its data and shape.ninja descriptors stay open between appends."""
 
-    def __init__(self, store_dir, itemsize=8, raw=False):
+    def __init__(self, store_dir, root, itemsize=8, raw=False):
         self.data_path = os.path.join(store_dir, "data.ninja")
         self.shape_path = None if raw else os.path.join(store_dir, "shape.ninja")
-        self.itemsize = itemsize
+        self.root, self.itemsize = root, itemsize
         self.fd = self.shape_fd = self.pos = None
+
+    def open_shape(self):
+        if self.shape_fd is None:
+            self.shape_fd = _open_fd(self.shape_path, "shape", True, self.root)
+        return self.shape_fd
 
     def write(self, offset_items, chunks, total_items, durable):
         offset = offset_items * self.itemsize
         if self.fd is None:
-            self.fd = _open_fd(self.data_path, True)
+            self.fd = _open_fd(self.data_path, "data", True, self.root)
         if self.pos == offset:  # we wrote up to here and nobody has since (see _RaggedWriter.sync)
             self.pos = offset + _write_here(self.fd, chunks)
         else:  # checks the size and drops a dead writer's torn bytes
@@ -802,9 +1095,7 @@ class _Column:
 
     def commit(self, durable):
         if self.shape_path is not None:
-            if self.shape_fd is None:
-                self.shape_fd = _open_fd(self.shape_path, True)
-            _set_length(self.shape_fd, self.new_length)
+            _set_length(self.open_shape(), self.new_length)
             if durable:
                 os.fsync(self.shape_fd)
 
@@ -815,26 +1106,14 @@ class _Column:
         self.fd = self.shape_fd = self.pos = None
 
 
-def _last_end(store_dir, n):
-    """ends[n-1] of the ragged or strings store in store_dir (0 when empty)."""
-    if n == 0:
-        return 0
-    fd = _open_fd(os.path.join(store_dir, "ends", "data.ninja"), False)
-    try:
-        raw = _pread(fd, 8, (n - 1) * 8)
-    finally:
-        os.close(fd)
-    if len(raw) != 8:
-        raise ValueError(f"{store_dir}/ends/data.ninja is shorter than its {n} samples: damaged")
-    return _U64.unpack(raw)[0]
-
-
-def _count(store_dir):
-    """The committed number of samples of a ragged or strings store: len(starts)."""
-    raw = _read_bytes(os.path.join(store_dir, "starts", "shape.ninja"), "sample count")
+def _count(store_dir, fd=None):
+    """The committed number of samples of a ragged or strings store: len(starts) (read through
+    fd, starts/shape.ninja held open, when given)."""
+    path = os.path.join(store_dir, "starts", "shape.ninja")
+    raw = _pread(fd, 8, 0) if fd is not None else _read_bytes(path, "sample count", 8 * 64)
     if len(raw) < 8:
-        raise ValueError(f"{store_dir}/starts/shape.ninja is {len(raw)} bytes: the sample count "
-                         f"is damaged")
+        raise ValueError(f"{path} is {len(raw)} bytes, too short to hold the sample count: "
+                         f"the store is damaged")
     return _U64.unpack_from(raw)[0]
 
 
@@ -848,28 +1127,30 @@ def _shapes_dir(store_dir):
 
 
 def _create_ragged(store_dir, dtype, nested, raw=False, zstd=None, durable=False, part=False):
-    """Metadata of an empty ragged (or strings, raw=True) store; type.ninja is written last
-    (atomically, unless the store is part of one being created). Its parts' files are written
-    in place: a store being created is not one until its type.ninja exists."""
+    """Metadata of an empty ragged (or strings, raw=True) store, in a directory without one;
+    type.ninja is written last (atomically, unless the store is part of one being created)."""
     os.makedirs(store_dir, exist_ok=True)
+    join = os.path.join
     for name in ("starts", "ends") + (() if raw else ("flattened_shapes",)):
-        _write_meta(os.path.join(store_dir, name), np.int64, (0,), durable=durable, part=True)
+        _write_meta(join(store_dir, name), np.int64, (0,), durable=durable)
     if raw:
         if zstd is not None:
             level, dictionary = zstd
             if dictionary is not None:
-                _write_new(os.path.join(store_dir, "zstd_dict.ninja"), dictionary, durable)
-            _write_new(os.path.join(store_dir, "zstd_level.ninja"), str(level).encode(), durable)
-        os.close(os.open(os.path.join(store_dir, "data.ninja"), os.O_WRONLY | os.O_CREAT, 0o666))
-        _write_atomic(os.path.join(store_dir, "type.ninja"), b"string", durable)
-        return
-    shapes = os.path.join(store_dir, "shapes")
-    if nested:
-        _create_ragged(shapes, np.int64, nested=False, durable=durable, part=True)
+                _write_new(join(store_dir, "zstd_dict.ninja"), dictionary, durable)
+            _write_new(join(store_dir, "zstd_level.ninja"), str(level).encode(), durable)
+        _write_new(join(store_dir, "data.ninja"), b"\0", durable)  # (one byte: see _write_meta)
+        kind = b"string"
     else:
-        _write_meta(shapes, np.int64, (0, 1), durable=durable, part=True)
-    _write_new(os.path.join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0 if nested else 1), durable)
-    _write_meta(store_dir, dtype, (0,), kind="ragged", durable=durable, part=part)
+        shapes = join(store_dir, "shapes")
+        if nested:
+            _create_ragged(shapes, np.int64, nested=False, durable=durable, part=True)
+        else:
+            _write_meta(shapes, np.int64, (0, 1), durable=durable)
+        _write_new(join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0 if nested else 1), durable)
+        _write_meta(store_dir, dtype, (0,), kind="ragged", durable=durable, typed=False)
+        kind = b"ragged"
+    (_write_new if part else _write_atomic)(join(store_dir, "type.ninja"), kind, durable)
 
 
 class _RaggedWriter:
@@ -879,25 +1160,34 @@ class _RaggedWriter:
     order data, shapes, flattened_shapes, ends, starts, so that len(starts) (the sample count)
     moves last. A nested shapes store is written the same way, before its parent's counts.
     Descriptors and the count stay cached between appends; ``sync`` (under the store's lock)
-    re-reads them when another writer has been at the store.
+    re-reads them when another writer has been at the store, and refuses a store whose files
+    do not hold what its metadata commits.
     """
 
-    def __init__(self, store_dir, durable=False, raw=False):
+    def __init__(self, store_dir, durable=False, raw=False, root=None):
         self.store_dir, self.durable, self.raw = store_dir, durable, raw
+        self.root = store_dir if root is None else root  # writes never leave this directory
+        self.pid = os.getpid()  # a forked child makes its own writer (see _Sequence._writing)
         self.n = None  # the count this writer last saw committed; None: read it again
         self.lock = _Lock(store_dir)
         self.columns = {}
         self.nested = None
         self.shapes_ino = None
+        self.compress = None  # a zstd strings store's compressor, read from its files
+
+    def stale(self):
+        """Whether the store this writer holds was deleted (re-created by from_*) since its
+        last append: its directory, or its cached count file, has no name left."""
+        starts = self.columns.get("starts")
+        fds = (self.lock.fd, starts.shape_fd if starts is not None else None)
+        return any(fd is not None and os.fstat(fd).st_nlink == 0 for fd in fds)
 
     def sync(self, n=None):
         """Make the cached state match the disk; n: the parent's count for a nested store."""
         d = self.store_dir
         if n is None:
-            if "starts" not in self.columns:
-                n = _count(d)
-            else:  # one pread: has anyone else committed since?
-                n = _U64.unpack(_pread(self._col("starts").shape_fd, 8, 0))[0]
+            starts = self.columns.get("starts")
+            n = _count(d, starts.open_shape() if starts is not None else None)
         shapes_dir = os.path.join(d, "shapes")
         try:  # another writer converting shapes/ to a ragged store replaces the directory
             ino = None if self.raw else os.stat(shapes_dir).st_ino
@@ -911,27 +1201,52 @@ class _RaggedWriter:
         moved = data is not None and data.pos is not None and os.lseek(data.fd, 0, os.SEEK_END) != data.pos
         if n != self.n or n == 0 or ino != self.shapes_ino or moved:
             self.close()
-            self.end = _last_end(d, n)
-            self.n = n
             if not self.raw:
                 _repair_shapes(d)
                 self.dtype = _read_meta(d)[0]
                 self.shapes_ino = os.stat(shapes_dir).st_ino
                 if os.path.isdir(os.path.join(shapes_dir, "starts")):
-                    self.nested = _RaggedWriter(shapes_dir, self.durable)
+                    self.nested = _RaggedWriter(shapes_dir, self.durable, root=self.root)
                     self.nested.sync(n)
+            else:
+                self.compress = (_zstd_codec(d) or (None,))[0]
+            self.end = self._check_committed(n)
+            self.n = n
         return n
+
+    def _check_committed(self, n):
+        """The end of the last of n samples, after checking that every file holds what the
+        metadata commits: appending to a store that lost data would make the loss silent."""
+        join, d = os.path.join, self.store_dir
+        names = ("starts", "ends") + (() if self.raw else ("flattened_shapes",) + (() if self.nested else ("shapes",)))
+        for name in names:
+            if _read_meta(join(d, name))[1][:1] < (n,):
+                raise ValueError(f"{join(d, name)} records fewer entries than the {n} samples "
+                                 f"of the store: it is damaged; appends are refused (restore it "
+                                 f"from a copy or re-create it)")
+            _check_size(join(d, name, "data.ninja"), 8 * n, "index")
+        end = 0
+        if n:
+            fd = _open_fd(join(d, "ends", "data.ninja"), "index")
+            try:
+                end = _U64.unpack(_pread(fd, 8, (n - 1) * 8))[0]
+            finally:
+                os.close(fd)
+        itemsize = 1 if self.raw else self.dtype.itemsize
+        if not self.raw and _read_meta(d)[1][0] < end:
+            raise ValueError(f"{d}: the samples end at element {end} but shape.ninja commits "
+                             f"fewer: the store is damaged; appends are refused")
+        _check_size(join(d, "data.ninja"), end * itemsize, "data")
+        return end
 
     def _col(self, name):
         column = self.columns.get(name)
         if column is None:
             if name == "data":
                 itemsize = 1 if self.raw else self.dtype.itemsize
-                column = _Column(self.store_dir, itemsize, raw=self.raw)
+                column = _Column(self.store_dir, self.root, itemsize, raw=self.raw)
             else:
-                column = _Column(os.path.join(self.store_dir, name))
-            if name == "starts":
-                column.shape_fd = _open_fd(column.shape_path, True)
+                column = _Column(os.path.join(self.store_dir, name), self.root)
             self.columns[name] = column
         return column
 
@@ -991,6 +1306,14 @@ class _RaggedWriter:
         self.lock.close()
 
 
+def _check_size(path, need, what):
+    size = os.stat(path).st_size
+    if size < need:
+        raise ValueError(f"{path} holds {size} bytes but the store's metadata commits {need}: "
+                         f"the {what} file was truncated or damaged; appends are refused (restore "
+                         f"it from a copy or re-create the store)")
+
+
 def _write_new_ragged(store_dir, arrays, durable=False):
     """Fill a just-created empty ragged store with arrays."""
     writer = _RaggedWriter(store_dir, durable)
@@ -1021,8 +1344,12 @@ def _convert_shapes_to_nested(store_dir, n, durable=False):
 
 
 def _read_int64(path, n):
-    with open(path, "rb") as f:
-        raw = f.read(8 * n)
+    _check_size(path, 8 * n, "index")
+    fd = _open_fd(path, "index")
+    try:
+        raw = _pread(fd, 8 * n, 0)
+    finally:
+        os.close(fd)
     if len(raw) != 8 * n:
         raise ValueError(f"{path} holds fewer than the {n} entries its store needs: damaged")
     return np.frombuffer(raw, "<i8").tolist()
@@ -1038,7 +1365,7 @@ def _repair_shapes(store_dir):
     shutil.rmtree(join(store_dir, "shapes.old"), ignore_errors=True)
     nested = os.path.isdir(join(shapes, "starts"))
     flag_path = join(store_dir, "shapes_are_flat.ninja")
-    if os.path.exists(flag_path) and _read_bytes(flag_path, "flatness flag") != _I32.pack(0 if nested else 1):
+    if os.path.exists(flag_path) and _read_bytes(flag_path, "flatness flag", 64) != _I32.pack(0 if nested else 1):
         _write_atomic(flag_path, _I32.pack(0 if nested else 1))
 
 
@@ -1052,6 +1379,7 @@ class _Sequence:
 
     def __getstate__(self):
         state = {key: getattr(self, key) for key in self._config_keys}
+        state["out_dir"] = os.path.abspath(self.out_dir)  # the receiver may run elsewhere
         state["_n"] = self._n  # the receiver sees the sender's snapshot
         return state
 
@@ -1063,6 +1391,9 @@ class _Sequence:
 
     def _init_state(self):
         self._writer, self._closed, self._maps, self._n = None, False, [], 0
+        # one thread at a time maps, remaps or writes through this object (made anew in a
+        # forked child, where a copy could be held by a thread that does not exist there)
+        self._mutex, self._pid = threading.RLock(), os.getpid()
         self._dtype = self._zstd = None
         self._nested = False
         # which samples of a nested store have been checked to have their shapes at regular
@@ -1173,41 +1504,81 @@ class _Sequence:
         return view[idx]
 
     def __setitem__(self, key, value):
+        """Replace samples in place, each by one with as many elements (or UTF-8 bytes)."""
+        d = self.out_dir
+        if not any(c in self.mode for c in "+wc"):
+            raise ValueError(f"{d} is open read-only (mode={self.mode!r}): open it with "
+                             f"mode='r+' to replace samples in place")
         if _is_int(key):
             keys, values = [self._norm_index(int(key))], [value]
         else:
-            keys = _indices(key, self._n, self.out_dir).tolist()
+            keys = _indices(key, self._n, d).tolist()
             values = list(value)
             if len(values) != len(keys):
-                raise ValueError(f"{self.out_dir}: {len(values)} values for {len(keys)} samples")
-        writes = [self._encode_replacement(i, v) for i, v in zip(keys, values)]  # all checked first
-        fd = _open_fd(os.path.join(self.out_dir, "data.ninja"), True)
-        try:
-            for offset, chunk in writes:
-                os.lseek(fd, offset, os.SEEK_SET)
-                os.write(fd, chunk)
-        finally:
-            os.close(fd)
+                raise ValueError(f"{d}: {len(values)} values for {len(keys)} samples")
+        with self._locked():
+            writes = [self._encode_replacement(i, v) for i, v in zip(keys, values)]  # all checked first
+            if self.mode == "c":  # copy-on-write: into this process's private map only
+                data = self._data.view(np.uint8)
+                for offset, chunk in writes:
+                    data[offset:offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                return
+            fd = _open_fd(os.path.join(d, "data.ninja"), "data", True, d)
+            try:
+                with _naming(d):
+                    for offset, chunk in writes:
+                        _write_fd(fd, chunk, offset)
+            finally:
+                os.close(fd)
+
+    def set_single(self, item, value):
+        self[int(item)] = value
+
+    def set_multiple(self, item, values):
+        self[item] = values
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """This object's mutex (see _init_state)."""
+        if self._pid != os.getpid():
+            self._mutex, self._pid = threading.RLock(), os.getpid()
+        with self._mutex:
+            yield
 
     @contextlib.contextmanager
     def _writing(self, dtype=np.float64, nested=False):
         """Hold the store's write lock (creating the store, with dtype and nested shapes, if the
         directory has none) and yield its writer, synced with what other writers committed."""
         d = self.out_dir
-        self._check_open()
-        writer = self._writer
-        if writer is None:
-            os.makedirs(d, exist_ok=True)
-            writer = self._writer = _RaggedWriter(d, self.durable, raw=self._kind == "string")
-        with writer.lock:
+        with self._locked(), _naming(d):
+            self._check_open()
+            writer = self._writer
+            if writer is not None and writer.pid != os.getpid():  # inherited through a fork
+                writer.__del__()  # (closes this process's copies; the parent's lock stays)
+                writer = self._writer = None
+            if writer is None:
+                _check_directory(d)
+                os.makedirs(d, exist_ok=True)
+                writer = self._writer = _RaggedWriter(d, self.durable, raw=self._kind == "string")
+            while True:
+                writer.lock.__enter__()
+                if not writer.stale():
+                    break
+                writer.lock.__exit__()  # re-created meanwhile: lock and read the new store
+                writer.close()
+                writer.lock.close()
             try:
-                if not os.path.exists(os.path.join(d, "type.ninja")):
+                if not os.path.lexists(os.path.join(d, "type.ninja")):
+                    _clear_unfinished(d)  # what a creation killed before its end left
+                    _dtype_to_text(dtype, d)  # refuse a dtype before writing anything
                     _create_ragged(d, dtype, nested, raw=writer.raw, durable=self.durable)
                 writer.sync()
                 yield writer
             except BaseException:
                 writer.close()  # whatever happened, re-read the disk next time
                 raise
+            finally:
+                writer.lock.__exit__()
 
     def _norm_index(self, i):
         n = self._n
@@ -1217,13 +1588,7 @@ class _Sequence:
 
     def flush(self):
         """fsync every file and directory of the store: committed samples then survive power loss."""
-        for root, _, files in os.walk(self.out_dir):
-            for path in [os.path.join(root, name) for name in files] + [root]:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        _fsync_tree(self.out_dir)
 
     def _check_open(self):
         if self._closed:
@@ -1231,10 +1596,12 @@ class _Sequence:
 
     def _ensure_mapped(self, n_needed):
         if n_needed > self._mapped or not self._loaded:
-            self._check_open()
-            n = self._n
-            self._release(keep_writer=True)
-            self._reload(n)
+            with self._locked():
+                if n_needed > self._mapped or not self._loaded:  # (another thread may have)
+                    self._check_open()
+                    n = self._n
+                    self._release(keep_writer=True)
+                    self._reload(n)
 
     def _reload(self, snapshot):
         self._load(snapshot)  # the subclass maps its files
@@ -1244,11 +1611,9 @@ class _Sequence:
         """Map starts/ends for the first `snapshot` samples (all committed ones when None);
         returns (count, end of the last sample), or None when the directory holds no store."""
         d, join = self.out_dir, os.path.join
-        self._n = self._mapped = 0  # (the rest was reset by _release)
-        if not os.path.exists(join(d, "type.ninja")):
-            if os.path.exists(join(d, "starts")):
-                raise FileNotFoundError(f"{d}: type.ninja is missing but starts/ exists: the "
-                                        f"store is damaged")
+        _check_directory(d)
+        if not os.path.lexists(join(d, "type.ninja")):  # no store yet (or one being created)
+            self._n = self._mapped = 0
             return None
         kind = _read_kind(d)
         if kind != self._kind:
@@ -1269,10 +1634,14 @@ class _Sequence:
         if not shape or shape[0] < n:
             raise ValueError(f"{store_dir} records {shape[0] if shape else 0} entries but the "
                              f"store has {n} samples: the store is damaged")
-        mm = _map(os.path.join(store_dir, "data.ninja"), 8 * n, what="index")
+        return _int64_view(self._map(os.path.join(store_dir, "data.ninja"), 8 * n, what="index"), n)
+
+    def _map(self, path, nbytes, access=mmap.ACCESS_READ, what="data"):
+        """_map, kept to be closed with the store."""
+        mm = _map(path, nbytes, access, what, self.out_dir)
         if mm is not None:
             self._maps.append(mm)
-        return _int64_view(mm, n)
+        return mm
 
 
 class RaggedMmap(_Sequence):
@@ -1313,8 +1682,7 @@ class RaggedMmap(_Sequence):
             raise ValueError(f"{d}: sample {n - 1} ends at element {end} but the data holds "
                              f"{data_shape[0]}: the store is damaged")
         access = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}[self.mode]
-        mm = _map(join(d, "data.ninja"), end * dtype.itemsize, access)
-        self._maps.append(mm)
+        mm = self._map(join(d, "data.ninja"), end * dtype.itemsize, access)
         # through a memoryview, so mmap.close() refuses (BufferError) while any sample is alive;
         # an ndarray made directly on the map would not stop it, and reading would crash
         self._data = np.frombuffer(memoryview(mm), dtype, end) if mm is not None else np.zeros(0, dtype)
@@ -1345,13 +1713,34 @@ class RaggedMmap(_Sequence):
             return self._get(self._norm_index(item))
         except TypeError:  # a slice, a list, a mask: start/end are not ints
             return self._get_other(item)
+        # Each sample's size is checked against a second file (its shape), at no cost for
+        # nested stores (reshape checks it) and one lookup for flat ones, so that a damaged
+        # offset is an error, never another sample's bytes.
         if self._nested:
-            sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
-        elif end - start == 1 and not self._flat_shapes[item]:
-            sample = sample.reshape(())  # a 0-d sample
+            try:
+                sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
+            except ValueError:
+                raise self._damaged(item) from None
+        elif end - start != self._flat_shapes[item]:
+            sample = self._scalar(item, sample)
         if self.wrapper_fn is None:
             return sample
         return self.wrapper_fn(sample.copy() if self.copy_before_wrapper_fn else sample)
+
+    def _scalar(self, item, sample):
+        """A sample of a flat store whose length disagrees with shapes/: a 0-d sample (recorded
+        as length 0 with one element), or damage."""
+        if len(sample) != 1 or self._flat_shapes[item]:
+            raise self._damaged(item)
+        return sample.reshape(())
+
+    def _damaged(self, item):
+        i = self._norm_index(int(item))
+        shape = self.shape_of(i)
+        return ValueError(f"{self.out_dir}: sample {i} spans elements {self._starts[i]} to "
+                          f"{self._ends[i]}, which does not fit its recorded shape {shape}: the "
+                          f"store is damaged (python -m mmap_ninja verify {self.out_dir} lists "
+                          f"what is wrong)")
 
     def _get_other(self, item):
         if self.wrapper_fn is None and not _is_int(item):
@@ -1372,7 +1761,11 @@ class RaggedMmap(_Sequence):
         views = self._window_views(idx, rows) if rows is not None and rows.shape[1] > 1 else None
         if views is None:
             data, (starts, ends) = self._data, self._lookup(idx, "_starts", "_ends")
-            views = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, self._shapes_of(idx))]
+            try:
+                views = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, self._shapes_of(idx))]
+            except ValueError:
+                raise self._damaged(next(i for i, s, e, shape in zip(idx.tolist(), starts, ends, self._shapes_of(idx))
+                                         if e - s != math.prod(shape))) from None
         return views
 
     def _window_views(self, idx, rows):
@@ -1414,9 +1807,10 @@ class RaggedMmap(_Sequence):
         data = self._data
         starts, ends = columns
         out = [data[s:e] for s, e in zip(starts, ends)]
-        for k, (s, e) in enumerate(zip(starts, ends)):
-            if e - s == 1 and not self._flat_shapes[keys[k]]:
-                out[k] = out[k].reshape(())  # a 0-d sample
+        (flat,) = self._lookup(keys, "_flat_shapes")
+        for k, (s, e, f) in enumerate(zip(starts, ends, flat)):
+            if e - s != f:  # a 0-d sample, or damage (see __getitem__)
+                out[k] = self._scalar(keys[k], out[k])
         return out
 
     def _shapes_of(self, keys):
@@ -1437,7 +1831,10 @@ class RaggedMmap(_Sequence):
         mapped sample has ndim dimensions and its shape sits at entries [i*ndim, (i+1)*ndim) of
         the shape data, which is how writers lay such stores out; else None. Batch reads then
         look shapes up with one gather. Each sample is checked once: the store only grows, so
-        the verdict is kept across remaps of the same shape files (and redone for new ones)."""
+        the verdict is kept across remaps of the same shape files (and redone for new ones).
+        The same pass checks that each sample's offsets follow the previous sample's and span
+        its shape: the batch paths then trust them (damage makes the layout irregular, and the
+        plain path reports the damaged sample)."""
         if self._np_views is None:
             self._np_views = {}
         rows = self._np_views.get("_rows", False)
@@ -1457,8 +1854,13 @@ class RaggedMmap(_Sequence):
             if not (np.array_equal(a, expected) and np.array_equal(b, expected + ndim)):
                 ndim = -1
                 break
-            # and each axis's least and greatest length, for _Windows
             shapes = self._gather("_shape_data", slice(checked * ndim, stop * ndim)).reshape(stop - checked, ndim)
+            starts, ends = self._gather("_starts", slice(checked, stop)), self._gather("_ends", slice(checked, stop))
+            if not (int(starts[0]) == (self._ends[checked - 1] if checked else 0) and (shapes >= 0).all()
+                    and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))):
+                ndim = -1
+                break
+            # and each axis's least and greatest length, for _Windows
             lo = shapes.min(axis=0) if lo is None else np.minimum(lo, shapes.min(axis=0))
             hi = shapes.max(axis=0) if hi is None else np.maximum(hi, shapes.max(axis=0))
             checked = stop
@@ -1516,9 +1918,17 @@ class RaggedMmap(_Sequence):
         if self._nested:
             shapes, a, b = self._shape_table(idx)
             ndims = {shapes.shape[1]} if shapes is not None else set((b - a).tolist())
+            if shapes is not None and self._np_views.get("_rows") is None:  # (else: checked)
+                bad = self._gather("_ends", idx) - starts != shapes.prod(axis=1)
+                if bad.any():  # no allocation from a damaged shape
+                    raise self._damaged(idx[bad.argmax()])
         else:  # lengths, and which samples are 0-d, in a few vectorized steps
             lengths = self._gather("_ends", idx) - starts
-            scalar = (lengths == 1) & (self._gather("_flat_shapes", idx) == 0)
+            flat = self._gather("_flat_shapes", idx)
+            scalar = (lengths == 1) & (flat == 0)
+            ok = (lengths == flat) | scalar
+            if not ok.all():  # no allocation from a damaged offset
+                raise self._damaged(idx[ok.argmin()])
             ndims = {0} if scalar.all() and len(idx) else {0, 1} if scalar.any() else {1}
             shapes = lengths.reshape(-1, 1) if ndims == {1} else np.zeros((len(idx), 0), np.int64)
         if len(ndims) > 1:
@@ -1639,8 +2049,7 @@ class RaggedMmap(_Sequence):
         dtypes = set(map(_DTYPE, arrays))
         if any(dt.hasobject for dt in dtypes):
             arrays = [_as_sample(s, d) for s in arrays]  # raises, naming the offending sample
-        # result_type would drop a byte order (">f4" -> float32): keep a lone dtype as it is
-        first_dtype = next(iter(dtypes)) if len(dtypes) == 1 else np.result_type(*dtypes)
+        first_dtype = arrays[0].dtype  # (an empty store takes its first sample's dtype)
         shapes = list(map(_SHAPE, arrays))
         nested = any(len(shape) > 1 for shape in shapes)
         with self._writing(first_dtype, nested) as writer:
@@ -1652,12 +2061,13 @@ class RaggedMmap(_Sequence):
         """Adapt the store's metadata to arrays and return them cast to its dtype; everything
         is checked before anything is written."""
         d, join = self.out_dir, os.path.join
-        if writer.n == 0 and writer.dtype != first_dtype:  # an empty store takes its first dtype
-            _write_atomic(join(d, "dtype.ninja"), _dtype_to_text(first_dtype, d).encode(), self.durable)
+        dtype = first_dtype if writer.n == 0 else writer.dtype  # an empty store takes the first's
+        if dtypes != {dtype}:
+            arrays = [_as_sample(a, d, dtype) for a in arrays]
+        if dtype != writer.dtype:
+            _write_atomic(join(d, "dtype.ninja"), _dtype_to_text(dtype, d).encode(), self.durable)
             writer.close()
             writer.sync()
-        if dtypes != {writer.dtype}:
-            arrays = [_as_sample(a, d, writer.dtype) for a in arrays]
         if nested and writer.nested is None:
             _convert_shapes_to_nested(d, writer.n, self.durable)
             writer.close()
@@ -1677,64 +2087,57 @@ class RaggedMmap(_Sequence):
     # ---- constructors ---------------------------------------------------------------------
 
     @classmethod
-    def from_lists(cls, out_dir, lists, dtype=None, mode="r+", wrapper_fn=None, **kwargs):
-        """Write a list of arrays (any shapes) as a ragged store and open it."""
+    def from_lists(cls, out_dir, lists, dtype=None, mode="r+", wrapper_fn=None, *,
+                   copy_before_wrapper_fn=True, durable=False, **keys):
+        """Write a list of arrays (any shapes) as a ragged store and open it. The first sample
+        chooses the dtype (unless ``dtype`` is given); the others must cast to it exactly."""
+        _check_keys(keys, "RaggedMmap.from_lists")
         arrays = [_as_sample(x if dtype is None else np.asarray(x, dtype=dtype), out_dir) for x in lists]
-        return cls._from_batches(out_dir, [arrays] if arrays else [], mode=mode,
-                                 wrapper_fn=wrapper_fn, dtype=dtype, **kwargs)
+        return cls._from_batches(out_dir, [arrays] if arrays else [], dtype, mode, wrapper_fn,
+                                 copy_before_wrapper_fn, durable)
 
     @classmethod
-    def from_generator(cls, out_dir, sample_generator, batch_size, verbose=False, **kwargs):
-        """Write a generator's samples as a ragged store, committing every ``batch_size``
-        samples; memory holds at most one batch."""
+    def from_generator(cls, out_dir, sample_generator, batch_size, verbose=False, *, dtype=None,
+                       mode="r+", wrapper_fn=None, copy_before_wrapper_fn=True, durable=False, **keys):
+        """Write a generator's samples as a ragged store, written every ``batch_size`` samples
+        (memory holds at most one batch); it replaces what out_dir held once complete."""
+        _check_keys(keys, "RaggedMmap.from_generator")
         batch_size = _check_batch_size(batch_size)
         samples = _progress(sample_generator, desc="ragged", verbose=verbose)
-        return cls._from_batches(out_dir, _batched(samples, batch_size), **kwargs)
+        return cls._from_batches(out_dir, _batched(samples, batch_size), dtype, mode, wrapper_fn,
+                                 copy_before_wrapper_fn, durable)
 
     @classmethod
-    def from_indexable(cls, out_dir, indexable, batch_size, n_jobs=None, verbose=False, **kwargs):
-        """Write ``indexable[0], indexable[1], ...`` (or ``indexable(i)``) as a ragged store.
-        Stops at ``len(indexable)`` or the first IndexError. ``n_jobs`` threads fetch each batch
-        in order; memory holds one batch."""
+    def from_indexable(cls, out_dir, indexable, batch_size, n_jobs=None, verbose=False, *,
+                       dtype=None, mode="r+", wrapper_fn=None, copy_before_wrapper_fn=True,
+                       durable=False, **keys):
+        """Write ``indexable[0], indexable[1], ...`` (or ``indexable(i)``) as a ragged store:
+        up to ``len(indexable)``, or, without a length, until IndexError or KeyError.
+        ``n_jobs`` threads fetch each batch in order; memory holds one batch."""
+        _check_keys(keys, "RaggedMmap.from_indexable")
         batch_size = _check_batch_size(batch_size)
-        total = len(indexable) if hasattr(indexable, "__len__") else None
-        samples = (s for batch in _indexable_batches(indexable, batch_size, n_jobs) for s in batch)
+        total = _length(indexable)
+        samples = (s for batch in _indexable_batches(indexable, batch_size, n_jobs, out_dir) for s in batch)
         samples = _progress(samples, total=total, desc="ragged", verbose=verbose)
-        return cls._from_batches(out_dir, _batched(samples, batch_size), **kwargs)
+        return cls._from_batches(out_dir, _batched(samples, batch_size), dtype, mode, wrapper_fn,
+                                 copy_before_wrapper_fn, durable)
 
     @classmethod
-    def _from_batches(cls, out_dir, batches, mode="r+", wrapper_fn=None, dtype=None,
-                      copy_before_wrapper_fn=True, durable=False):
-        out_dir = os.fspath(out_dir)
-        _clear_store(out_dir)
-        with cls(out_dir, durable=durable) as writer:
-            for batch in batches:
-                if dtype is not None:
-                    batch = [np.asarray(s, dtype=dtype) for s in batch]
-                writer.extend(batch)
-                batch.clear()  # let the samples go before the next batch is read
-        if not os.path.exists(os.path.join(out_dir, "type.ninja")):
-            _create_ragged(out_dir, np.dtype(dtype or np.float64), nested=False, durable=durable)
+    def _from_batches(cls, out_dir, batches, dtype, mode, wrapper_fn, copy_before_wrapper_fn, durable):
+        with _creating(out_dir, durable) as build:
+            with cls(build, durable=durable) as builder:
+                for batch in batches:
+                    if dtype is not None:
+                        batch = [np.asarray(s, dtype=dtype) for s in batch]
+                    builder.extend(batch)
+                    batch.clear()  # let the samples go before the next batch is read
+            if not os.path.lexists(os.path.join(build, "type.ninja")):
+                _create_ragged(build, np.dtype(dtype or np.float64), nested=False, durable=durable)
         return cls(out_dir, wrapper_fn=wrapper_fn, mode=mode,
                    copy_before_wrapper_fn=copy_before_wrapper_fn, durable=durable)
 
     def __repr__(self):
         return f"RaggedMmap({self.out_dir!r}, {len(self)} samples, dtype={self._dtype})"
-
-
-def _clear_store(out_dir):
-    """Creating a store over an old one: remove the old store's files (never foreign files)."""
-    join = os.path.join
-    if not os.path.exists(join(out_dir, "type.ninja")):
-        return
-    for name in ("type.ninja", "starts", "ends", "shapes", "shapes.new", "shapes.old",
-                 "flattened_shapes", "shapes_are_flat.ninja", "zstd_level.ninja",
-                 "zstd_dict.ninja", "dtype.ninja", "shape.ninja", "order.ninja", "data.ninja"):
-        path = join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
 
 
 def _batched(iterable, batch_size):
@@ -1746,11 +2149,19 @@ def _batched(iterable, batch_size):
         yield batch
 
 
-def _indexable_batches(indexable, batch_size, n_jobs):
-    """Batches of indexable[i] in order, until len() or the first IndexError; with n_jobs > 1 a
-    thread pool fetches each batch (memory: one batch)."""
+def _length(indexable):
+    """len(indexable), or None when it has none (an object whose __len__ raises TypeError too)."""
+    try:
+        return len(indexable)
+    except TypeError:
+        return None
+
+
+def _indexable_batches(indexable, batch_size, n_jobs, path):
+    """Batches of indexable[i] in order: up to len(indexable), else until the first IndexError
+    or KeyError; with n_jobs > 1 a thread pool fetches each batch (memory: one batch)."""
     fetch = indexable.__getitem__ if hasattr(indexable, "__getitem__") else indexable
-    total = len(indexable) if hasattr(indexable, "__len__") else None
+    total = _length(indexable)
     pool = ThreadPoolExecutor(n_jobs) if n_jobs and n_jobs > 1 else None
     try:
         start = 0
@@ -1761,7 +2172,11 @@ def _indexable_batches(indexable, batch_size, n_jobs):
             try:
                 for sample in results:  # in index order, even with threads
                     batch.append(sample)
-            except IndexError:
+            except (IndexError, KeyError) as e:
+                if total is not None:  # the source's own bug: not the end of the data
+                    raise type(e)(f"{path}: reading item {start + len(batch)} of an indexable "
+                                  f"whose len() is {total} raised {type(e).__name__}: "
+                                  f"{e}") from e
                 if batch:
                     yield batch
                 return
@@ -1770,6 +2185,22 @@ def _indexable_batches(indexable, batch_size, n_jobs):
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+_KEYS = {"starts_key": "starts", "ends_key": "ends", "shapes_key": "shapes",
+         "flattened_shapes_key": "flattened_shapes"}
+
+
+def _check_keys(keys, where, allowed=_KEYS):
+    """The published package's *_key arguments name a store's subdirectories. Only the
+    standard names exist in the format, so they are accepted and any other is refused; any
+    other keyword is a typo, refused naming the public function."""
+    for key, value in keys.items():
+        if key not in allowed:
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
+        if value != allowed[key]:
+            raise ValueError(f"{where}: {key}={value!r} is not supported: stores use the "
+                             f"format's standard names only ({key}={allowed[key]!r})")
 
 
 ###################################################################################################
@@ -1801,6 +2232,35 @@ def _zstd_module():
         return (lambda data: zstandard.ZstdCompressor(level=level, dict_data=zd).compress(data),
                 lambda data: zstandard.ZstdDecompressor(dict_data=zd).decompress(data))
     return codec, lambda samples, size: zstandard.train_dictionary(size, samples).as_bytes()
+
+
+def _zstd_codec(store_dir):
+    """(compress, decompress) of the zstd strings store in store_dir; None for a plain one."""
+    join = os.path.join
+    level_path = join(store_dir, "zstd_level.ninja")
+    if not os.path.lexists(level_path):
+        return None
+    codec = _require_zstd(store_dir)[0]
+    text = _read_text(level_path, "zstd level", 64)
+    try:
+        level = int(text)
+    except ValueError:
+        raise ValueError(f"{level_path}: the zstd level must be an integer, found {text!r}: the "
+                         f"store is damaged") from None
+    dict_path = join(store_dir, "zstd_dict.ninja")
+    dictionary = _read_bytes(dict_path, "zstd dictionary", 1 << 26) if os.path.lexists(dict_path) else None
+    return codec(level, dictionary)
+
+
+def _train_dictionary(samples, size, path):
+    try:
+        return _require_zstd(path)[1](samples, size)
+    except ModuleNotFoundError:
+        raise
+    except Exception as e:  # each library raises its own ZstdError
+        raise ValueError(f"{path}: cannot train a zstd dictionary of {size} bytes on "
+                         f"{len(samples)} strings ({e}); pass more (or more varied) strings, a "
+                         f"smaller zstd_train_dictionary_size, or none") from e
 
 
 def _require_zstd(path):
@@ -1883,17 +2343,9 @@ class StringsMmap(_Sequence):
             self._buf = b""
             return
         n, end = opened
-        mm = _map(join(d, "data.ninja"), end, what="strings data")
+        mm = self._map(join(d, "data.ninja"), end, what="strings data")
         self._buf = mm if mm is not None else b""
-        if mm is not None:
-            self._maps.append(mm)
-        level_path = join(d, "zstd_level.ninja")
-        if os.path.exists(level_path):
-            codec = _require_zstd(d)[0]  # say so at open, not at the first read
-            level = _read_text(level_path, "zstd level")
-            dict_path = join(d, "zstd_dict.ninja")
-            dictionary = _read_bytes(dict_path, "zstd dictionary") if os.path.exists(dict_path) else None
-            self._zstd = codec(int(level), dictionary)  # (compress, decompress)
+        self._zstd = _zstd_codec(d)  # (says at open, not at the first read, if no zstd module)
         self._n = self._mapped = n
 
     def __getitem__(self, item):
@@ -1920,16 +2372,18 @@ class StringsMmap(_Sequence):
 
     def extend(self, list_of_strings, verbose=False):
         """Append strings; a non-str item refuses the whole call before anything is written."""
+        if isinstance(list_of_strings, (str, bytes, bytearray)):
+            raise TypeError(f"{self.out_dir}: extend takes a sequence of strings, got a single "
+                            f"{type(list_of_strings).__name__}; use append, or wrap it in a list")
         strings = list_of_strings if type(list_of_strings) is list and not verbose else \
             list(_progress(list_of_strings, desc="strings", verbose=verbose))
-        if self._zstd is not None:  # one zstd frame per string
-            chunks = list(map(self._zstd[0], _utf8(strings, self.out_dir)))
-            sizes = list(map(len, chunks))
-        else:
-            chunks, sizes = _utf8_chunks(strings, self.out_dir)
+        chunks, sizes = _utf8_chunks(strings, self.out_dir)  # (checks every string first)
         if not len(sizes):
             return
         with self._writing() as writer:
+            if writer.compress is not None:  # a zstd store (as its files say): a frame per string
+                chunks = list(map(writer.compress, _utf8(strings, self.out_dir)))
+                sizes = list(map(len, chunks))
             self._appended(writer.append(chunks, sizes, None))
 
     def _encode_replacement(self, i, value):
@@ -1948,33 +2402,44 @@ class StringsMmap(_Sequence):
 
     @classmethod
     def from_strings(cls, out_dir, strings, mode="r+b", verbose=False, zstd_level=None,
-                     zstd_train_dictionary_size=None, batch_size=None, durable=False, **kwargs):
-        """Write strings as a strings store. ``zstd_level`` compresses each string (0.9.0
-        layout); ``zstd_train_dictionary_size`` first trains a dictionary of that many bytes on
-        the strings (which are then held in memory)."""
-        out_dir = os.fspath(out_dir)
-        _clear_store(out_dir)
-        if zstd_train_dictionary_size is not None and zstd_level is None:
-            zstd_level = 3
-        dictionary = None
-        if zstd_level is not None:
-            train = _require_zstd(out_dir)[1]
-            if zstd_train_dictionary_size:
-                strings = list(strings)
-                dictionary = train(_utf8(strings, out_dir), int(zstd_train_dictionary_size))
-        _create_ragged(out_dir, None, False, raw=True,
-                       zstd=None if zstd_level is None else (int(zstd_level), dictionary), durable=durable)
-        with cls(out_dir, durable=durable) as writer:
-            for batch in _batched(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536):
-                writer.extend(batch)
-                batch.clear()
-        return cls(out_dir, mode=mode, durable=durable)
+                     zstd_train_dictionary_size=None, *, batch_size=None, durable=False, **keys):
+        """Write strings as a strings store; it replaces what out_dir held once complete.
+        ``zstd_level`` compresses each string (0.9.0 layout); ``zstd_train_dictionary_size``
+        first trains a dictionary of that many bytes on the strings (then held in memory)."""
+        return cls._from_strings(out_dir, strings, mode, verbose, zstd_level,
+                                 zstd_train_dictionary_size, batch_size, durable, keys, "from_strings")
 
     @classmethod
-    def from_generator(cls, out_dir, sample_generator, batch_size, verbose=False, **kwargs):
-        """Write a generator of strings, committing every ``batch_size`` strings."""
-        batch_size = _check_batch_size(batch_size)
-        return cls.from_strings(out_dir, sample_generator, verbose=verbose, batch_size=batch_size, **kwargs)
+    def from_generator(cls, out_dir, sample_generator, batch_size, verbose=False, *, mode="r+b",
+                       zstd_level=None, zstd_train_dictionary_size=None, durable=False, **keys):
+        """Write a generator of strings, ``batch_size`` strings at a time."""
+        return cls._from_strings(out_dir, sample_generator, mode, verbose, zstd_level,
+                                 zstd_train_dictionary_size, _check_batch_size(batch_size), durable,
+                                 keys, "from_generator")
+
+    @classmethod
+    def _from_strings(cls, out_dir, strings, mode, verbose, level, dictionary_size, batch_size,
+                      durable, keys, where):
+        _check_keys(keys, f"StringsMmap.{where}", {"starts_key": "starts", "ends_key": "ends"})
+        if isinstance(strings, (str, bytes, bytearray)):
+            raise TypeError(f"{out_dir}: StringsMmap.{where} takes a sequence (or iterable) of "
+                            f"strings, got a single {type(strings).__name__}; wrap it in a list")
+        if dictionary_size is not None and level is None:
+            level = 3
+        with _creating(out_dir, durable) as build:
+            dictionary = None
+            if level is not None and dictionary_size:
+                strings = list(strings)
+                dictionary = _train_dictionary(_utf8(strings, out_dir), int(dictionary_size), out_dir)
+            elif level is not None:
+                _require_zstd(out_dir)
+            _create_ragged(build, None, False, raw=True,
+                           zstd=None if level is None else (int(level), dictionary), durable=durable)
+            with cls(build, durable=durable) as builder:
+                for batch in _batched(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536):
+                    builder.extend(batch)
+                    batch.clear()
+        return cls(out_dir, mode=mode, durable=durable)
 
     def __repr__(self):
         return f"StringsMmap({self.out_dir!r}, {len(self)} strings)"

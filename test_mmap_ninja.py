@@ -259,18 +259,27 @@ def test_np_fortran_and_noncontiguous_inputs(tmp_path):
         np_ninja.extend_dir(tmp_path / "f", np.zeros((1, 4), np.int16))
 
 
-def test_np_from_generator_commits_batches(tmp_path):
+def hidden_leftovers(path):
+    """What builds of new stores left beside or inside path (nothing, when all went well)."""
+    path = pathlib.Path(path)
+    where = [path.parent] + ([path] if path.is_dir() else [])
+    return [p.name for d in where for p in d.iterdir() if ".ninja-new-" in p.name]
+
+
+def test_np_from_generator_replaces_the_old_store_when_complete(tmp_path):
+    np_ninja.from_ndarray(tmp_path / "g", np.arange(3))
     seen = []
 
     def gen():
         for i in range(10):
-            if i == 7:  # batches of 3: two are committed by now
-                seen.append(np_ninja.open_existing(tmp_path / "g").shape)
+            if i == 7:  # batches of 3: two are written by now, aside
+                seen.append(np_ninja.open_existing(tmp_path / "g").tolist())
             yield np.full((2, 2), i, np.uint8)
     out = np_ninja.from_generator(tmp_path / "g", gen(), batch_size=3)
-    assert seen == [(6, 2, 2)]
+    assert seen == [[0, 1, 2]]  # the old store, intact, until the new one was complete
     assert out.shape == (10, 2, 2) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[:, 0, 0], np.arange(10))
+    assert hidden_leftovers(tmp_path / "g") == []
 
 
 def test_np_from_generator_refuses_bad_input(tmp_path):
@@ -281,7 +290,7 @@ def test_np_from_generator_refuses_bad_input(tmp_path):
             np_ninja.from_generator(tmp_path / "b", iter([np.zeros(2)]), bad)
     with pytest.raises(ValueError, match=r"every sample must have shape \(2,\)"):
         np_ninja.from_generator(tmp_path / "s", iter([np.zeros(2), np.zeros(3)]), 4)
-    assert np_ninja.open_existing(tmp_path / "s").shape == (0, 2)
+    assert not (tmp_path / "s").exists() and hidden_leftovers(tmp_path / "s") == []
 
 
 def test_np_extend_append_and_snapshot(tmp_path):
@@ -303,7 +312,7 @@ def test_np_refused_extends_leave_store_unchanged(tmp_path):
     with pytest.raises(ValueError, match=r"shape \(3, 2\) with an array of shape \(1, 3\).*rows must have shape \(2,\)"):
         np_ninja.extend_dir(tmp_path / "a", np.zeros((1, 3), np.int32))
     with pytest.raises(TypeError, match="dtype float64 in a store of dtype int32 without losing"):
-        np_ninja.extend_dir(tmp_path / "a", np.zeros((1, 2)))
+        np_ninja.extend_dir(tmp_path / "a", np.full((1, 2), 0.5))
     with pytest.raises(TypeError, match="without losing values"):
         np_ninja.extend_dir(tmp_path / "a", np.array([[2**40, 1]]))
     with pytest.raises(TypeError, match="object dtype"):
@@ -452,16 +461,18 @@ def test_ragged_generator_indexable_and_function(tmp_path):
     assert [len(s) for s in store] == list(range(11))
 
 
-def test_ragged_generator_commits_every_batch(tmp_path):
-    lengths = []
+def test_ragged_generator_replaces_the_old_store_when_complete(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "g", [np.array([7, 7])])
+    seen = []
 
     def gen():
         for i in range(9):
-            if i == 5:
-                lengths.append(len(RaggedMmap(tmp_path / "g")))
+            if i == 5:  # batches of 2: two are written by now, aside
+                seen.append([s.tolist() for s in RaggedMmap(tmp_path / "g")])
             yield np.arange(i)
-    RaggedMmap.from_generator(tmp_path / "g", gen(), batch_size=2)
-    assert lengths == [4]
+    store = RaggedMmap.from_generator(tmp_path / "g", gen(), batch_size=2)
+    assert seen == [[[7, 7]]]
+    assert [len(s) for s in store] == list(range(9)) and hidden_leftovers(tmp_path / "g") == []
 
 
 def test_ragged_indexing_forms(tmp_path):
@@ -556,7 +567,7 @@ def test_ragged_refused_input_leaves_store_unchanged(tmp_path):
     with pytest.raises(TypeError, match="not array-like"):
         store.extend([np.arange(2), object()])
     with pytest.raises(TypeError, match="dtype float64 in a store of dtype int64"):
-        store.extend([np.arange(2), np.ones(2)])
+        store.extend([np.arange(2), np.full(2, 1.5)])
     with pytest.raises(TypeError, match="cannot store list value"):
         store.append([[1, 2], [3]])
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
@@ -884,7 +895,7 @@ def test_torn_leftovers_are_ignored_then_overwritten(tmp_path):
 def test_strings_empty(tmp_path):
     store = StringsMmap.from_strings(tmp_path / "e", [])
     assert len(store) == 0 and list(store) == []
-    assert os.path.getsize(tmp_path / "e" / "data.ninja") == 0
+    assert os.path.getsize(tmp_path / "e" / "data.ninja") == 1  # as the published writer leaves it
     store.append("first")
     assert list(StringsMmap(tmp_path / "e")) == ["first"]
     fresh = StringsMmap(tmp_path / "fresh")
@@ -1040,7 +1051,7 @@ def test_damaged_shape_file(tmp_path):
         np_ninja.open_existing(tmp_path / "n")
     np_ninja.from_ndarray(tmp_path / "m", np.arange(3))
     (tmp_path / "m" / "shape.ninja").write_bytes(np.array([9], "<u8").tobytes())
-    with pytest.raises(ValueError, match="holds 24 bytes but its metadata needs 72"):
+    with pytest.raises(ValueError, match=r"data.ninja holds 24 bytes but shape.ninja says \(9,\) of int64, 72 bytes"):
         np_ninja.open_existing(tmp_path / "m")
 
 
@@ -1172,6 +1183,7 @@ mn.RaggedMmap.from_generator(sys.argv[1], gen(), batch_size=7)
 
 def test_sigkill_during_from_generator(tmp_path):
     d = str(tmp_path / "g")
+    RaggedMmap.from_lists(d, [expected_sample("ragged", k) for k in range(5)])
     script = tmp_path / "gen_writer.py"
     script.write_text(GEN_WRITER)
     rng = random.Random(99)
@@ -1180,10 +1192,10 @@ def test_sigkill_during_from_generator(tmp_path):
         time.sleep(0.3 + rng.random() * 0.3)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        n = verify_all("ragged", d)
-        assert n % 7 == 0  # whole batches are committed, never part of one
-        RaggedMmap(d).append(expected_sample("ragged", n))
-        assert verify_all("ragged", d) == n + 1 and mmap_ninja._verify(d) == []
+        assert verify_all("ragged", d) == 5 and mmap_ninja._verify(d) == []  # the old store, intact
+        assert len(hidden_leftovers(d)) == 1  # the killed build, until the next one clears it
+    RaggedMmap.from_generator(d, (expected_sample("ragged", k) for k in range(30)), batch_size=7)
+    assert verify_all("ragged", d) == 30 and hidden_leftovers(d) == []
 
 
 def test_durable_appends_fsync_before_and_after_commit(tmp_path, monkeypatch):
