@@ -768,6 +768,13 @@ def _indices(item, n, path):
     return np.where(idx < 0, idx + n, idx)
 
 
+def _axis_bounds(shapes, previous=None):
+    """(least, greatest) length of each axis of shapes (an (n, ndim) array), merged with a
+    previous pair."""
+    lo, hi = shapes.min(axis=0, initial=np.iinfo(np.int64).max), shapes.max(axis=0, initial=-1)
+    return (lo, hi) if previous is None else (np.minimum(lo, previous[0]), np.maximum(hi, previous[1]))
+
+
 class _Windows(dict):
     """Strided views of a ragged store's data, one per trailing shape t = (a1, ..., ak) of its
     samples, made on first use: window[o, q] is the t-shaped block that starts at element
@@ -1860,9 +1867,7 @@ class RaggedMmap(_Sequence):
                     and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))):
                 ndim = -1
                 break
-            # and each axis's least and greatest length, for _Windows
-            lo = shapes.min(axis=0) if lo is None else np.minimum(lo, shapes.min(axis=0))
-            hi = shapes.max(axis=0) if hi is None else np.maximum(hi, shapes.max(axis=0))
+            lo, hi = _axis_bounds(shapes, None if lo is None else (lo, hi))  # (for _Windows)
             checked = stop
         self._regular = (self._shapes_id, ndim, checked, lo, hi)
         rows = None
@@ -2532,36 +2537,38 @@ class ShardedMmap:
 
 def _store_report(path):
     """(kind, lines of a human-readable summary) for the info command."""
+    _check_directory(path)
+    if not os.path.lexists(os.path.join(path, "type.ninja")):
+        where = "holds no mmap_ninja store (no type.ninja)" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"{path} {where}: opened as a ragged or strings store it is "
+                                f"empty, and append fills it")
     kind = _read_kind(path)
-    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    size = sum(os.lstat(os.path.join(r, f)).st_size for r, _, fs in os.walk(path) for f in fs)
     lines = [f"path:     {os.path.abspath(path)}", f"kind:     {kind}"]
     if kind == "numpy":
         dtype, shape, order = _read_meta(path)
         lines += [f"samples:  {shape[0] if shape else 1}", f"dtype:    {dtype}",
                   f"shape:    {shape}", f"order:    {order}"]
     elif kind == "ragged":
-        store = RaggedMmap(path)
-        lines += [f"samples:  {len(store)}", f"dtype:    {store.dtype}"]
-        lows, highs = {}, {}  # per ndim: the smallest and largest length of each axis
-        for _, shapes in _shape_chunks(store):
-            by_ndim = {}
-            for shape in shapes:
-                by_ndim.setdefault(len(shape), []).append(shape)
-            for nd, group in by_ndim.items():
-                arr = np.asarray(group, np.int64).reshape(-1, nd)
-                lows[nd] = np.minimum(lows.get(nd, arr.min(0)), arr.min(0))
-                highs[nd] = np.maximum(highs.get(nd, arr.max(0)), arr.max(0))
-        lines.append(f"ndim:     {', '.join(map(str, sorted(lows))) or '-'}")
-        for nd in sorted(lows):
-            for axis in range(nd):
-                lines.append(f"  {nd}-D axis {axis}: min {lows[nd][axis]}, max {highs[nd][axis]}")
-        store.close()
+        with RaggedMmap(path) as store:
+            lines += [f"samples:  {len(store)}", f"dtype:    {store.dtype}"]
+            bounds = {}  # per ndim: the least and greatest length of each axis
+            for _, shapes in _shape_chunks(store):
+                by_ndim = {}
+                for shape in shapes:
+                    by_ndim.setdefault(len(shape), []).append(shape)
+                for nd, group in by_ndim.items():
+                    bounds[nd] = _axis_bounds(np.asarray(group, np.int64).reshape(len(group), nd), bounds.get(nd))
+        lines.append(f"ndim:     {', '.join(map(str, sorted(bounds))) or '-'}")
+        for nd in sorted(bounds):
+            for axis, (lo, hi) in enumerate(zip(*bounds[nd])):
+                lines.append(f"  {nd}-D axis {axis}: min {lo}, max {hi}")
     else:
         join = os.path.join
         lines.append(f"samples:  {_count(path)}")
         level = join(path, "zstd_level.ninja")
-        compression = f"zstd level {_read_text(level, 'zstd level')}" if os.path.exists(level) else "none"
-        if os.path.exists(join(path, "zstd_dict.ninja")):
+        compression = f"zstd level {_read_text(level, 'zstd level', 64)}" if os.path.lexists(level) else "none"
+        if os.path.lexists(join(path, "zstd_dict.ninja")):
             compression += " with dictionary"
         lines.append(f"compression: {compression}")
     lines.append(f"bytes on disk: {size}")
@@ -2576,72 +2583,101 @@ def _shape_chunks(store, chunk=1 << 16):
 
 
 def _verify(path):
-    """Every invariant of the format; returns a list of problems (empty when sound)."""
+    """Every invariant of the format; returns a list of problems (empty when sound). Never
+    raises on damage: whatever a check meets is reported."""
     problems = []
+    try:
+        _check_store(os.fspath(path), problems)
+    except (OSError, ValueError, TypeError, OverflowError, MemoryError, struct.error) as e:
+        problems.append(str(e))
+    except Exception as e:  # damage nobody foresaw: still a report, not a traceback
+        problems.append(f"{path}: cannot be checked ({type(e).__name__}: {e})")
+    return problems
+
+
+def _index_column(store_dir, n):
+    """The first n entries of the int64 index store in store_dir, after checking its metadata
+    and that its file holds them (so a damaged count allocates nothing)."""
+    dtype, shape, _ = _read_meta(store_dir)
+    if dtype != np.dtype("<i8") or len(shape) not in (1, 2) or shape[0] < n:
+        raise ValueError(f"{store_dir} is {dtype} of shape {shape}, not int64 with at least {n} "
+                         f"entries: the store is damaged")
+    return np.asarray(_read_int64(os.path.join(store_dir, "data.ninja"), n), np.int64)
+
+
+def _check_store(path, problems, kind=None):
     join = os.path.join
-    try:
-        kind = _read_kind(path)
-    except (OSError, ValueError) as e:
-        return [str(e)]
-    try:
-        if kind == "numpy":
-            dtype, shape, _ = _read_meta(path)
-            need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            have = os.path.getsize(join(path, "data.ninja"))
-            if have < need:
-                problems.append(f"{path}/data.ninja holds {have} bytes, metadata needs {need}")
-            return problems
-        n = _count(path)
-        starts = np.asarray(_read_int64(join(path, "starts", "data.ninja"), n))
-        ends = np.asarray(_read_int64(join(path, "ends", "data.ninja"), n))
-        for name in ("starts", "ends"):
-            if _read_meta(join(path, name))[0] != np.int64:
-                problems.append(f"{path}/{name} is not int64")
-        if (ends < starts).any():
-            problems.append(f"sample {int(np.argmax(ends < starts))}: ends before it starts")
-        if n > 1 and (starts[1:] < ends[:-1]).any():
-            problems.append(f"sample {int(np.argmax(starts[1:] < ends[:-1])) + 1} overlaps the previous one")
-        if kind == "ragged":
-            total = _read_meta(path)[1][0]
-        else:
-            total = os.path.getsize(join(path, "data.ninja"))
-        if n and ends.max() > total:
-            problems.append(f"offsets reach element {int(ends.max())} but the data holds {total}")
-        if kind == "ragged":
-            dtype = _read_meta(path)[0]
-            have = os.path.getsize(join(path, "data.ninja"))
-            if have < total * dtype.itemsize:
-                problems.append(f"{path}/data.ninja holds {have} bytes, metadata needs {total * dtype.itemsize}")
-            sizes = np.asarray(_read_int64(join(path, "flattened_shapes", "data.ninja"), n))
-            if (sizes != ends - starts).any():
-                problems.append(f"sample {int(np.argmax(sizes != ends - starts))}: flattened_shapes "
-                                f"disagrees with ends - starts")
-            store = RaggedMmap(path)
-            for start, shapes in _shape_chunks(store):
-                held = np.fromiter(map(math.prod, shapes), np.int64, len(shapes))
-                bad = np.flatnonzero(held != sizes[start:start + len(shapes)])
-                if len(bad):
-                    i = start + int(bad[0])
-                    problems.append(f"sample {i}: shape {tuple(shapes[bad[0]])} does not hold "
-                                    f"{sizes[i]} elements")
-                    break
-            flag = _read_bytes(join(path, "shapes_are_flat.ninja"), "flatness flag")
-            if flag != _I32.pack(0 if store._nested else 1):
-                problems.append(f"shapes_are_flat.ninja says {flag!r} but shapes/ is "
-                                f"{'ragged' if store._nested else 'flat'}")
-            store.close()
-        elif not os.path.exists(join(path, "zstd_level.ninja")) or _zstd_module() is not None:
-            store = StringsMmap(path)
-            for i in range(n):
+    _check_directory(path)
+    kind = kind or _read_kind(path)
+    if kind == "numpy":
+        dtype, shape, _ = _read_meta(path)
+        need = math.prod(shape) * dtype.itemsize
+        fd = _open_fd(join(path, "data.ninja"), "data")
+        have = os.fstat(fd).st_size
+        os.close(fd)
+        if have < need or (not shape and have != need):
+            problems.append(f"{path}/data.ninja holds {have} bytes, shape.ninja {shape} of {dtype} needs {need}")
+        return
+    n = _count(path)
+    starts, ends = _index_column(join(path, "starts"), n), _index_column(join(path, "ends"), n)
+    sizes = ends - starts
+    if n and starts[0] < 0:
+        problems.append(f"{path}: sample 0 starts at {starts[0]}, before the data")
+    if (sizes < 0).any():
+        problems.append(f"{path}: sample {int(np.argmax(sizes < 0))} ends before it starts")
+    if n > 1 and (starts[1:] != ends[:-1]).any():
+        problems.append(f"{path}: sample {int(np.argmax(starts[1:] != ends[:-1])) + 1} does not start "
+                        f"where the previous one ends")
+    end = int(ends.max()) if n else 0
+    if kind == "string":
+        _check_size(join(path, "data.ninja"), end, "strings data")
+        codec = _zstd_codec(path)
+        with StringsMmap(path) as store:
+            for i in range(n) if not problems else ():
                 try:
                     store[i]
-                except (UnicodeDecodeError, ValueError) as e:  # zstd errors are ValueErrors too
-                    problems.append(f"string {i} cannot be decoded: {e}")
+                except (UnicodeDecodeError, ValueError, MemoryError) as e:  # zstd errors are ValueErrors too
+                    problems.append(f"{path}: string {i} cannot be {'decompressed or ' if codec else ''}decoded: {e}")
                     break
-            store.close()
-    except (OSError, ValueError) as e:
-        problems.append(str(e))
-    return problems
+        return
+    dtype, data_shape, _ = _read_meta(path)
+    if len(data_shape) != 1 or data_shape[0] < end:
+        problems.append(f"{path}: offsets reach element {end} but the data holds {data_shape[0] if data_shape else 0} "
+                        f"(shape.ninja is {data_shape})")
+    _check_size(join(path, "data.ninja"), end * dtype.itemsize, "data")
+    flattened = _index_column(join(path, "flattened_shapes"), n)
+    if (flattened != sizes).any():
+        problems.append(f"{path}: sample {int(np.argmax(flattened != sizes))}: flattened_shapes "
+                        f"disagrees with ends - starts")
+    shapes_dir = _shapes_dir(path)
+    nested = os.path.isdir(join(shapes_dir, "starts"))
+    flag = _read_bytes(join(path, "shapes_are_flat.ninja"), "flatness flag", 64)
+    if flag != _I32.pack(0 if nested else 1):
+        problems.append(f"{path}: shapes_are_flat.ninja says {flag!r} but shapes/ is "
+                        f"{'ragged' if nested else 'flat'}")
+    if not nested:
+        lengths = _index_column(shapes_dir, n)
+        held = np.where((lengths == 0) & (flattened == 1), 1, lengths)  # (0-d samples)
+        bad = (lengths < 0) | (held != flattened)
+        if bad.any():
+            problems.append(f"{path}: sample {int(np.argmax(bad))}: shapes/ records length "
+                            f"{int(lengths[bad.argmax()])} for {int(flattened[bad.argmax()])} elements")
+        return
+    inner = []
+    _check_store(shapes_dir, inner, "ragged")
+    problems += inner
+    if inner:
+        return
+    with RaggedMmap(shapes_dir) as shapes:
+        if len(shapes) < n:
+            problems.append(f"{shapes_dir} holds {len(shapes)} shapes for {n} samples")
+            return
+        for start in range(0, n, 1 << 16):
+            for i, shape in enumerate(shapes[start:min(start + (1 << 16), n)], start):
+                if shape.ndim != 1 or (shape < 0).any() or math.prod(shape.tolist()) != flattened[i]:
+                    problems.append(f"{path}: sample {i}: shape {shape.tolist()} does not hold "
+                                    f"{int(flattened[i])} elements")
+                    return
 
 
 def main(argv=None):
