@@ -1496,6 +1496,25 @@ class _Sequence:
     def get_multiple(self, item):
         return self[item]
 
+    # The published package's attributes, which code in the wild reads (length-bucketed
+    # batching reads ends - starts, say): read-only arrays over the maps, made on demand.
+
+    @property
+    def starts(self):
+        """Where each sample starts: element offsets (bytes for strings), an int64 array."""
+        self._map_all()
+        return self._gather("_starts", slice(None))
+
+    @property
+    def ends(self):
+        """Where each sample ends, as ``starts``."""
+        self._map_all()
+        return self._gather("_ends", slice(None))
+
+    @property
+    def range(self):
+        return np.arange(len(self))
+
     def _map_all(self):
         if self._mapped < self._n:
             self._ensure_mapped(self._n)
@@ -1664,7 +1683,11 @@ class RaggedMmap(_Sequence):
     _config_keys = ("out_dir", "wrapper_fn", "mode", "copy_before_wrapper_fn", "durable")
     _kind = "ragged"
 
-    def __init__(self, out_dir, wrapper_fn=None, mode="r", copy_before_wrapper_fn=True, durable=False):
+    def __init__(self, out_dir, wrapper_fn=None, mode="r", starts_key="starts", ends_key="ends",
+                 shapes_key="shapes", flattened_shapes_key="flattened_shapes",
+                 copy_before_wrapper_fn=True, *, durable=False):
+        _check_keys(dict(starts_key=starts_key, ends_key=ends_key, shapes_key=shapes_key,
+                         flattened_shapes_key=flattened_shapes_key), "RaggedMmap")
         if mode not in ("r", "r+", "c"):
             raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
         self.out_dir = os.fspath(out_dir)
@@ -1724,22 +1747,24 @@ class RaggedMmap(_Sequence):
         # nested stores (reshape checks it) and one lookup for flat ones, so that a damaged
         # offset is an error, never another sample's bytes.
         if self._nested:
+            shape = self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist()
             try:
-                sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
+                sample = sample.reshape(shape) if shape else sample.reshape(()).item()  # (see _scalar)
             except ValueError:
                 raise self._damaged(item) from None
         elif end - start != self._flat_shapes[item]:
             sample = self._scalar(item, sample)
         if self.wrapper_fn is None:
             return sample
-        return self.wrapper_fn(sample.copy() if self.copy_before_wrapper_fn else sample)
+        return self.wrapper_fn(_copy(sample) if self.copy_before_wrapper_fn else sample)
 
     def _scalar(self, item, sample):
-        """A sample of a flat store whose length disagrees with shapes/: a 0-d sample (recorded
-        as length 0 with one element), or damage."""
+        """A sample of a flat store whose length disagrees with shapes/: a scalar (recorded as
+        length 0 with one element), read as a Python scalar as the published package does, or
+        damage."""
         if len(sample) != 1 or self._flat_shapes[item]:
             raise self._damaged(item)
-        return sample.reshape(())
+        return sample.item()
 
     def _damaged(self, item):
         i = self._norm_index(int(item))
@@ -1767,12 +1792,14 @@ class RaggedMmap(_Sequence):
         rows = self._shape_rows() if len(idx) else None
         views = self._window_views(idx, rows) if rows is not None and rows.shape[1] > 1 else None
         if views is None:
-            data, (starts, ends) = self._data, self._lookup(idx, "_starts", "_ends")
+            data, (starts, ends), shapes = self._data, self._lookup(idx, "_starts", "_ends"), self._shapes_of(idx)
             try:
-                views = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, self._shapes_of(idx))]
+                views = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
             except ValueError:
-                raise self._damaged(next(i for i, s, e, shape in zip(idx.tolist(), starts, ends, self._shapes_of(idx))
+                raise self._damaged(next(i for i, s, e, shape in zip(idx.tolist(), starts, ends, shapes)
                                          if e - s != math.prod(shape))) from None
+            if not all(shapes):  # scalars, read as Python scalars (see _scalar)
+                views = [v if v.ndim else v.item() for v in views]
         return views
 
     def _window_views(self, idx, rows):
@@ -1889,6 +1916,35 @@ class RaggedMmap(_Sequence):
         if not (b - a == ndim).all():
             return None, a, b
         return self._gather("_shape_data", slice(None))[a[:, None] + np.arange(ndim)], a, b
+
+    @property
+    def memmap(self):
+        """Every sample's elements, concatenated: a 1-D array over the data file's map."""
+        self._map_all()
+        return self._data
+
+    @property
+    def flattened_shapes(self):
+        """Each sample's element count, an int64 array."""
+        return self.ends - self.starts
+
+    @property
+    def shapes(self):
+        """Each sample's shape: an (n, 1) int64 array when every sample is 1-D or 0-d (a 0-d
+        sample recorded as length 0), else a RaggedMmap whose sample i is sample i's shape."""
+        self._map_all()
+        if self._nested:
+            return RaggedMmap(_shapes_dir(self.out_dir))
+        return self._gather("_flat_shapes", slice(None)).reshape(-1, 1)
+
+    @property
+    def shapes_are_flat(self):
+        self._map_all()
+        return not self._nested
+
+    @property
+    def n(self):
+        return len(self)
 
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
@@ -2092,11 +2148,13 @@ class RaggedMmap(_Sequence):
     # ---- constructors ---------------------------------------------------------------------
 
     @classmethod
-    def from_lists(cls, out_dir, lists, dtype=None, mode="r+", wrapper_fn=None, *,
-                   copy_before_wrapper_fn=True, durable=False, **keys):
+    def from_lists(cls, out_dir, lists, dtype=None, mode="r+", wrapper_fn=None, starts_key="starts",
+                   ends_key="ends", shapes_key="shapes", flattened_shapes_key="flattened_shapes", *,
+                   copy_before_wrapper_fn=True, durable=False):
         """Write a list of arrays (any shapes) as a ragged store and open it. The first sample
         chooses the dtype (unless ``dtype`` is given); the others must cast to it exactly."""
-        _check_keys(keys, "RaggedMmap.from_lists")
+        _check_keys(dict(starts_key=starts_key, ends_key=ends_key, shapes_key=shapes_key,
+                         flattened_shapes_key=flattened_shapes_key), "RaggedMmap.from_lists")
         arrays = [_as_sample(x if dtype is None else np.asarray(x, dtype=dtype), out_dir) for x in lists]
         return cls._from_batches(out_dir, [arrays] if arrays else [], dtype, mode, wrapper_fn,
                                  copy_before_wrapper_fn, durable)
@@ -2142,6 +2200,8 @@ class RaggedMmap(_Sequence):
                    copy_before_wrapper_fn=copy_before_wrapper_fn, durable=durable)
 
     def __repr__(self):
+        if not os.path.lexists(os.path.join(self.out_dir, "type.ninja")):
+            return f"RaggedMmap({self.out_dir!r}, empty: no store there yet, append creates one)"
         return f"RaggedMmap({self.out_dir!r}, {len(self)} samples, dtype={self._dtype})"
 
 
@@ -2333,7 +2393,8 @@ class StringsMmap(_Sequence):
     _config_keys = ("out_dir", "mode", "durable")
     _kind = "string"
 
-    def __init__(self, out_dir, mode="r+b", durable=False):
+    def __init__(self, out_dir, mode="r+b", starts_key="starts", ends_key="ends", *, durable=False):
+        _check_keys(dict(starts_key=starts_key, ends_key=ends_key), "StringsMmap")
         self.out_dir = os.fspath(out_dir)
         self.mode = mode
         self.durable = durable
@@ -2406,13 +2467,15 @@ class StringsMmap(_Sequence):
         return start, raw
 
     @classmethod
-    def from_strings(cls, out_dir, strings, mode="r+b", verbose=False, zstd_level=None,
-                     zstd_train_dictionary_size=None, *, batch_size=None, durable=False, **keys):
+    def from_strings(cls, out_dir, strings, mode="r+b", starts_key="starts", ends_key="ends",
+                     verbose=False, zstd_level=None, zstd_train_dictionary_size=None, *,
+                     batch_size=None, durable=False):
         """Write strings as a strings store; it replaces what out_dir held once complete.
         ``zstd_level`` compresses each string (0.9.0 layout); ``zstd_train_dictionary_size``
         first trains a dictionary of that many bytes on the strings (then held in memory)."""
-        return cls._from_strings(out_dir, strings, mode, verbose, zstd_level,
-                                 zstd_train_dictionary_size, batch_size, durable, keys, "from_strings")
+        return cls._from_strings(out_dir, strings, mode, verbose, zstd_level, zstd_train_dictionary_size,
+                                 batch_size, durable, dict(starts_key=starts_key, ends_key=ends_key),
+                                 "from_strings")
 
     @classmethod
     def from_generator(cls, out_dir, sample_generator, batch_size, verbose=False, *, mode="r+b",
@@ -2447,6 +2510,8 @@ class StringsMmap(_Sequence):
         return cls(out_dir, mode=mode, durable=durable)
 
     def __repr__(self):
+        if not os.path.lexists(os.path.join(self.out_dir, "type.ninja")):
+            return f"StringsMmap({self.out_dir!r}, empty: no store there yet, append creates one)"
         return f"StringsMmap({self.out_dir!r}, {len(self)} strings)"
 
 
@@ -2454,16 +2519,22 @@ class StringsMmap(_Sequence):
 # generic: open_existing, ShardedMmap
 ###################################################################################################
 
-def open_existing(out_dir, wrapper_fn=None):
-    """Open the store in ``out_dir``, whichever kind its type.ninja says it is."""
+def open_existing(out_dir, wrapper_fn=None, mode=None):
+    """Open the store in ``out_dir``, whichever kind its type.ninja says it is. ``mode``: "r"
+    (or "rb") read-only, "r+" (or "r+b") writable, "c" copy-on-write; by default numpy and
+    ragged stores open read-only and strings stores "r+b", as in the published package."""
     out_dir = os.fspath(out_dir)
+    _check_directory(out_dir)
     kind = _read_kind(out_dir)
+    if mode is not None and mode not in ("r", "rb", "r+", "r+b", "c"):
+        raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c' (or 'rb', 'r+b'), got {mode!r}")
+    array_mode = "r" if mode is None else mode.replace("b", "")
     if kind == "numpy":
-        arr = np_open_existing(out_dir)
+        arr = np_open_existing(out_dir, array_mode)
         return Wrapped(arr, wrapper_fn) if wrapper_fn is not None else arr
     if kind == "ragged":
-        return RaggedMmap(out_dir, wrapper_fn=wrapper_fn)
-    strings = StringsMmap(out_dir)
+        return RaggedMmap(out_dir, wrapper_fn=wrapper_fn, mode=array_mode)
+    strings = StringsMmap(out_dir, "r+b" if mode is None else mode)
     return Wrapped(strings, wrapper_fn, copy_before_wrapper_fn=False) if wrapper_fn is not None else strings
 
 
@@ -2477,11 +2548,7 @@ class ShardedMmap:
 
     def __init__(self, shards, wrapper_fn=None):
         if isinstance(shards, (str, os.PathLike)):
-            parent = os.fspath(shards)
-            shards = sorted(os.path.join(parent, name) for name in os.listdir(parent)
-                            if os.path.exists(os.path.join(parent, name, "type.ninja")))
-            if not shards:
-                raise FileNotFoundError(f"{parent} holds no mmap_ninja store subdirectories")
+            shards = _shard_dirs(os.fspath(shards))
         self.paths = [os.fspath(p) for p in shards]
         self.wrapper_fn = wrapper_fn
         self.shards = [open_existing(p, wrapper_fn) for p in self.paths]
@@ -2489,7 +2556,7 @@ class ShardedMmap:
         self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
 
     def __reduce__(self):
-        return (ShardedMmap, (self.paths, self.wrapper_fn))
+        return (ShardedMmap, ([os.path.abspath(p) for p in self.paths], self.wrapper_fn))
 
     def __len__(self):
         return self._bounds[-1]
@@ -2505,6 +2572,8 @@ class ShardedMmap:
             k = bisect.bisect_right(self._bounds, i) - 1
             return self.shards[k][i - self._bounds[k]]
         idx = _indices(item, len(self), "ShardedMmap")
+        if not len(idx):
+            return []
         shard_of = np.searchsorted(self._first, idx, "right") - 1
         counts = np.bincount(shard_of, minlength=len(self.shards)).tolist()
         if sum(map(bool, counts)) * 16 > len(idx):  # a few indices per shard: one at a time
@@ -2529,6 +2598,20 @@ class ShardedMmap:
 
     def __repr__(self):
         return f"ShardedMmap({len(self.paths)} shards, {len(self)} samples)"
+
+
+def _shard_dirs(parent):
+    """The stores a ShardedMmap over parent reads, in order: its store subdirectories sorted by
+    name (hidden ones, such as shards still being written, are not read), or parent itself when
+    it is a store (a store's own parts are never read as shards)."""
+    _check_directory(parent)
+    if os.path.lexists(os.path.join(parent, "type.ninja")):
+        return [parent]
+    shards = sorted(os.path.join(parent, name) for name in os.listdir(parent)
+                    if not name.startswith(".") and os.path.lexists(os.path.join(parent, name, "type.ninja")))
+    if not shards:
+        raise FileNotFoundError(f"{parent} holds no mmap_ninja store subdirectories")
+    return shards
 
 
 ###################################################################################################
@@ -2713,18 +2796,28 @@ def main(argv=None):
                 return 1
             print(f"{args.path}: ok")
         elif args.command == "from-npy":
-            source = np.load(args.npy_file, mmap_mode="r")  # never loads the whole file
             batch = _check_batch_size(args.batch_size)
-            np_from_ndarray(args.out_dir, np.ascontiguousarray(source[:batch] if source.ndim else source))
-            if source.ndim:
-                blocks = range(batch, len(source), batch)
-                for b in _progress(blocks, total=len(blocks), desc="from-npy", verbose=True):
-                    np_extend_dir(args.out_dir, source[b:b + batch])
+            try:
+                source = np.load(args.npy_file, mmap_mode="r")  # never loads the whole file
+            except (ValueError, EOFError) as e:
+                raise ValueError(f"{args.npy_file} is not a .npy file numpy can map: {e}") from e
+            if source.ndim == 0:
+                np_from_ndarray(args.out_dir, source)
+            else:
+                with _creating(args.out_dir) as build:
+                    _write_meta(build, source.dtype, (0,) + source.shape[1:])
+                    with _NumpyWriter(build) as writer:
+                        for b in _progress(range(0, len(source), batch), desc="from-npy", verbose=True):
+                            writer.extend(np.ascontiguousarray(source[b:b + batch]))
             print(f"wrote {args.out_dir}")
         else:
             with open(args.text_file, encoding="utf-8") as f:
-                lines = (line.rstrip("\n") for line in f)
-                StringsMmap.from_generator(args.out_dir, lines, args.batch_size, verbose=True)
+                try:
+                    StringsMmap.from_generator(args.out_dir, (line.rstrip("\n") for line in f),
+                                               args.batch_size, verbose=True)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{args.text_file} is not UTF-8 text ({e.reason}); nothing "
+                                     f"was written: convert it first (e.g. iconv -t utf-8)") from e
             print(f"wrote {args.out_dir}")
     except (OSError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -2736,19 +2829,128 @@ def main(argv=None):
 # Import shims: the published package's submodules, served from this one file
 ###################################################################################################
 
+# The published package's own helpers, kept for its tests and for code that calls them. They
+# read and write whole files, as there; this module's stores do not use them.
+
+def _int_to_bytes(inp, fmt="<i"):
+    return struct.pack(fmt, inp)
+
+
+def _bytes_to_int(inp, fmt="<i"):
+    return struct.unpack(fmt, inp)[0]
+
+
+def _str_to_bytes(inp, encoding="utf-8"):
+    return inp.encode(encoding)
+
+
+def _bytes_to_str(inp, encoding="utf-8"):
+    return bytes(inp).decode(encoding)
+
+
+def _shape_to_bytes(shape, fmt="<Q"):
+    return b"".join(struct.pack(fmt, int(a)) for a in shape)
+
+
+def _bytes_to_shape(inp, step=8, fmt="<Q"):
+    return tuple(struct.unpack(fmt, inp[i:i + step])[0] for i in range(0, len(inp) - 1, step))
+
+
+def _to_file(encode):
+    def to_file(inp, file, *args, **kwargs):
+        with open(file, "wb") as f:
+            f.write(encode(inp, *args, **kwargs))
+    return to_file
+
+
+def _from_file(decode):
+    def from_file(file, *args, **kwargs):
+        with open(file, "rb") as f:
+            return decode(f.read(), *args, **kwargs)
+    return from_file
+
+
+def from_generator_base(out_dir, sample_generator, batch_size, batch_ctor, extend_fn=None, **kwargs):
+    """The published package's generic converter: ``batch_ctor(out_dir, first_batch, **kwargs)``
+    makes a store, then ``extend_fn(store, batch)`` (or ``store.extend(batch)``) adds each later
+    batch; returns the store (None for an empty generator)."""
+    samples = _progress(sample_generator, desc="samples", verbose=kwargs.pop("verbose", False))
+    return _from_batches_base(out_dir, _batched(samples, _check_batch_size(batch_size)), batch_ctor, extend_fn, kwargs)
+
+
+def from_indexable_base(out_dir, indexable, batch_size, batch_ctor, extend_fn=None, n_jobs=None,
+                        verbose=False, **kwargs):
+    """from_generator_base over indexable[0], indexable[1], ... (see RaggedMmap.from_indexable)."""
+    batches = _indexable_batches(indexable, _check_batch_size(batch_size), n_jobs, out_dir)
+    return _from_batches_base(out_dir, _progress(batches, desc="batches", verbose=verbose), batch_ctor,
+                              extend_fn, kwargs)
+
+
+def _from_batches_base(out_dir, batches, batch_ctor, extend_fn, kwargs):
+    os.makedirs(out_dir, exist_ok=True)
+    store = None
+    for batch in batches:
+        if store is None:
+            store = batch_ctor(out_dir, batch, **kwargs)
+        elif extend_fn is not None:
+            extend_fn(store, batch)
+        else:
+            store.extend(batch)
+    return store
+
+
+class ParallelBatchCollector:
+    """mmap_ninja.parallel's batch reader, for code that imports it: ``batches()`` yields
+    lists of ``indexable[i]`` in order (threads when n_jobs > 1), up to len(indexable), or
+    until IndexError or KeyError when it has no length."""
+
+    def __init__(self, indexable, batch_size, n_jobs=None, verbose=False, **kwargs):
+        self.indexable, self.batch_size, self.n_jobs, self.verbose = indexable, batch_size, n_jobs, verbose
+
+    def batches(self):
+        batches = _indexable_batches(self.indexable, _check_batch_size(self.batch_size), self.n_jobs,
+                                     "ParallelBatchCollector")
+        return _progress(batches, desc="batches", verbose=self.verbose)
+
+
+class _IndexableFunction:
+    """make_indexable(func, length): func(i) as indexable[i], with a len() when length is given."""
+
+    def __init__(self, func, length=None):
+        self.wrapped, self.length = func, length
+
+    def __getitem__(self, item):
+        return self.wrapped(item)
+
+    def __len__(self):
+        if self.length is None:
+            raise TypeError("this indexable has no length: it is read until IndexError")
+        return self.length
+
+
 def _register_shims():
     """Make ``import mmap_ninja.numpy`` and friends work. Keyed on __name__, so a vendored copy
     (``myproj._vendor.mmap_ninja``) registers its own names; safe to run twice (reload)."""
     this = sys.modules.get(__name__)
     shims = {
-        "base": {"Wrapped": Wrapped},
+        "base": {"Wrapped": Wrapped, "from_generator_base": from_generator_base,
+                 "from_indexable_base": from_indexable_base, "_int_to_bytes": _int_to_bytes,
+                 "_bytes_to_int": _bytes_to_int, "_str_to_bytes": _str_to_bytes,
+                 "_bytes_to_str": _bytes_to_str, "_shape_to_bytes": _shape_to_bytes,
+                 "_bytes_to_shape": _bytes_to_shape},
         "numpy": {"from_ndarray": np_from_ndarray, "from_generator": np_from_generator,
                   "open_existing": np_open_existing, "extend": np_extend,
-                  "extend_dir": np_extend_dir, "append": np_append, "empty": np_empty},
+                  "extend_dir": np_extend_dir, "append": np_append, "empty": np_empty,
+                  "_empty": np_empty},
         "ragged": {"RaggedMmap": RaggedMmap},
         "string": {"StringsMmap": StringsMmap},
         "generic": {"open_existing": open_existing, "ShardedMmap": ShardedMmap},
+        "parallel": {"ParallelBatchCollector": ParallelBatchCollector,
+                     "make_indexable": _IndexableFunction},
     }
+    for kind, encode, decode in (("int", _int_to_bytes, _bytes_to_int), ("str", _str_to_bytes, _bytes_to_str),
+                                 ("shape", _shape_to_bytes, _bytes_to_shape)):
+        shims["base"][f"_{kind}_to_file"], shims["base"][f"_file_to_{kind}"] = _to_file(encode), _from_file(decode)
     for short, names in shims.items():
         full = f"{__name__}.{short}"
         module = sys.modules.get(full)

@@ -38,9 +38,14 @@ def snapshot(path):
 
 
 def assert_same_samples(actual, expected):
+    """Samples equal in values, dtypes and shapes; a scalar sample reads as a Python scalar
+    (as the published package returns it), equal to the expected 0-d array's item()."""
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         e = np.asarray(e)
+        if e.ndim == 0:
+            assert type(a) is type(e.item()) and a == e.item(), (a, e)
+            continue
         assert isinstance(a, np.ndarray)
         assert a.dtype == e.dtype and a.shape == e.shape
         np.testing.assert_array_equal(a, e)
@@ -128,8 +133,8 @@ def check_against_expected(store, spec):
         assert store.dtype == np.dtype(arr["dtype"]) and store.shape == tuple(arr["shape"])
         np.testing.assert_array_equal(store, np.array(arr["values"], arr["dtype"]).reshape(arr["shape"]))
     elif spec["type"] == "ragged" and "scalars" in spec:
-        assert [s.shape for s in store] == [()] * len(spec["scalars"])
-        assert [s.item() for s in store] == spec["scalars"]
+        assert list(store) == spec["scalars"]  # Python scalars, as the published package reads them
+        assert all(type(s) is type(e) for s, e in zip(store, spec["scalars"]))
     elif spec["type"] == "ragged":
         assert_same_samples(list(store), [np.array(s["values"], s["dtype"]).reshape(s["shape"])
                                           for s in spec["samples"]])
@@ -443,8 +448,9 @@ def test_ragged_flat_layout_matches_published(tmp_path):
     assert (d / "shapes" / "data.ninja").read_bytes() == np.array([2, 0, 0], "<i8").tobytes()
     assert (d / "flattened_shapes" / "data.ninja").read_bytes() == np.array([2, 0, 1], "<i8").tobytes()
     store = RaggedMmap(d)
-    assert [s.shape for s in store] == [(2,), (0,), ()]
-    assert store[2].item() == 3.5
+    assert [np.shape(s) for s in store] == [(2,), (0,), ()]
+    assert store[2] == 3.5 and type(store[2]) is float  # a Python scalar, as published
+    assert store.shape_of(2) == ()
 
 
 def test_ragged_generator_indexable_and_function(tmp_path):
