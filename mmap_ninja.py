@@ -377,11 +377,15 @@ def _buffer(chunk):
 
 def _write_all(fd, offset, chunks):
     """Write chunks (bytes-like) at offset; torn bytes a killed writer left past it are dropped.
-    Returns the offset after the last byte written."""
+    Returns the offset after the last byte written. (Writing nothing changes nothing: an
+    empty store's data file keeps the byte the published readers need to map it.)"""
+    buffers = [_buffer(c) for c in chunks]
+    if not any(b.nbytes if isinstance(b, np.ndarray) else len(b) for b in buffers):
+        return offset
     if os.lseek(fd, 0, os.SEEK_END) > offset:  # the size, cheaper than fstat between writes
         os.ftruncate(fd, offset)
     os.lseek(fd, offset, os.SEEK_SET)
-    return offset + _write_here(fd, chunks)
+    return offset + _write_here(fd, buffers)
 
 
 def _write_here(fd, chunks):

@@ -63,6 +63,8 @@ def assert_same_samples(actual, expected):
     ("from mmap_ninja.string import StringsMmap", "StringsMmap is mmap_ninja.StringsMmap"),
     ("from mmap_ninja.base import Wrapped", "Wrapped is mmap_ninja.Wrapped"),
     ("from mmap_ninja.generic import open_existing", "open_existing is mmap_ninja.open_existing"),
+    ("import mmap_ninja.parallel", "mmap_ninja.parallel.ParallelBatchCollector is mmap_ninja.ParallelBatchCollector"),
+    ("from mmap_ninja.base import from_generator_base, _int_to_bytes", "_int_to_bytes(1) == bytes([1, 0, 0, 0])"),
     ("from mmap_ninja import RaggedMmap, StringsMmap, Wrapped, open_existing",
      "RaggedMmap.__module__ == 'mmap_ninja' and open_existing.__name__ == 'open_existing'"),
 ])
@@ -202,8 +204,15 @@ def test_published_package_reads_and_appends_our_stores(legacy_path, tmp_path):
     StringsMmap.from_strings(tmp_path / "s", ["a", "", "ünï"])
     if HAS_ZSTD:
         StringsMmap.from_strings(tmp_path / "z", ["zstd ü"] * 20, zstd_level=3, zstd_train_dictionary_size=256)
+    # empty stores: their data files hold one byte, which the published readers need to map them
+    RaggedMmap.from_lists(tmp_path / "r0", [])
+    RaggedMmap.from_lists(tmp_path / "re", [np.zeros(0, np.int64), np.zeros(0, np.int64)])
+    StringsMmap.from_strings(tmp_path / "s0", [])
+    StringsMmap.from_strings(tmp_path / "se", ["", ""])
+    np_ninja.from_ndarray(tmp_path / "n0", np.zeros((0, 3), np.int64))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-        import numpy as np
+        import numpy as np, mmap_ninja
+        assert mmap_ninja.__file__.startswith({legacy_path.split(os.pathsep)[0]!r}), mmap_ninja.__file__
         from mmap_ninja import numpy as nn
         from mmap_ninja.ragged import RaggedMmap
         from mmap_ninja.string import StringsMmap
@@ -219,17 +228,246 @@ def test_published_package_reads_and_appends_our_stores(legacy_path, tmp_path):
         s = StringsMmap(d + '/s')
         assert list(s) == ['a', '', 'ünï']
         s.append('old')
+        assert [len(RaggedMmap(d + '/r0')), len(StringsMmap(d + '/s0'))] == [0, 0]
+        assert [x.tolist() for x in RaggedMmap(d + '/re')] == [[], []] and list(StringsMmap(d + '/se')) == ['', '']
+        assert nn.open_existing(d + '/n0').shape == (0, 3)
+        nn.from_ndarray(d + '/pn0', np.zeros((0, 2), np.int64))  # the published package's own empty stores
+        RaggedMmap.from_lists(d + '/pre', [np.zeros(0, np.int64)])
         import os, importlib.metadata, importlib.util
         if os.path.exists(d + '/z') and importlib.metadata.version('mmap_ninja') >= '0.9' \
                 and importlib.util.find_spec('zstandard'):
             assert list(StringsMmap(d + '/z')) == ['zstd ü'] * 20
-        print('ok')""")], env=dict(os.environ, PYTHONPATH=legacy_path), capture_output=True, text=True)
+        print('ok')""")], env=dict(os.environ, PYTHONPATH=legacy_path), capture_output=True, text=True,
+        cwd=tmp_path)  # (from the repository's directory, this module would shadow the published one)
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np_ninja.open_existing(tmp_path / "n")[-1], [1, 1, 1])
     assert RaggedMmap(tmp_path / "r")[-1].tolist() == [[0, 1], [2, 3]]
     assert [x.tolist() for x in RaggedMmap(tmp_path / "flat")] == [[0, 1, 2], [], [5, 6]]
     assert list(StringsMmap(tmp_path / "s")) == ["a", "", "ünï", "old"]
     assert mmap_ninja._verify(str(tmp_path / "r")) == []
+    np_ninja.extend_dir(tmp_path / "pn0", np.array([[5, 6]]))  # we append to its empty stores
+    assert np_ninja.open_existing(tmp_path / "pn0").tolist() == [[5, 6]]
+    RaggedMmap(tmp_path / "pre").append(np.array([7, 8]))
+    assert [x.tolist() for x in RaggedMmap(tmp_path / "pre")] == [[], [7, 8]]
+    assert all(mmap_ninja._verify(str(tmp_path / name)) == [] for name in ("pn0", "pre", "r0", "re", "s0", "se", "n0"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A drop-in for the published package: what its own tests and code in the wild touch
+# ---------------------------------------------------------------------------------------------
+
+def test_from_indexable_length_and_end_rules(tmp_path):
+    class NoLength:  # a __len__ that raises TypeError: the length is unknown, read until IndexError
+        def __len__(self):
+            raise TypeError("no length")
+
+        def __getitem__(self, i):
+            if i >= 5:
+                raise IndexError(i)
+            return np.arange(i)
+
+    class Keyed:  # no length; a KeyError ends the data, as in the published package
+        def __getitem__(self, i):
+            return {0: np.zeros(2), 1: np.ones(2)}[i]
+
+    class Buggy:  # a known length, and an IndexError before it: the source's bug, an error
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            if i == 50:
+                raise IndexError("bug")
+            return np.arange(3)
+
+    assert [len(s) for s in RaggedMmap.from_indexable(tmp_path / "a", NoLength(), 2)] == [0, 1, 2, 3, 4]
+    assert [s.tolist() for s in RaggedMmap.from_indexable(tmp_path / "b", Keyed(), 4, n_jobs=2)] == [[0, 0], [1, 1]]
+    with pytest.raises(IndexError, match=r"c: reading item 50 of an indexable whose len\(\) is 100 raised IndexError: bug"):
+        RaggedMmap.from_indexable(tmp_path / "c", Buggy(), 16)
+    assert not (tmp_path / "c").exists() and hidden_leftovers(tmp_path / "c") == []
+
+
+def test_published_base_helpers_keep_their_byte_formats(tmp_path):
+    base = mmap_ninja.base
+    assert base._int_to_bytes(17) == b"\x11\x00\x00\x00" and base._bytes_to_int(b"\x11\x00\x00\x00") == 17
+    assert base._bytes_to_int(base._int_to_bytes(6653643750000, fmt="<Q"), fmt="<Q") == 6653643750000
+    assert base._str_to_bytes("ünï") == "ünï".encode() and base._bytes_to_str(b"\xc3\xbc") == "ü"
+    assert base._shape_to_bytes((1, 4, 5)) == np.array([1, 4, 5], "<u8").tobytes()
+    assert base._bytes_to_shape(np.array([1, 4, 5], "<u8").tobytes()) == (1, 4, 5)
+    assert base._bytes_to_shape(b"") == () and base._shape_to_bytes(()) == b""
+    for kind, value, raw in (("int", 300, b"\x2c\x01\x00\x00"), ("str", "numpy", b"numpy"),
+                             ("shape", (2, 3), np.array([2, 3], "<u8").tobytes())):
+        path = tmp_path / kind
+        getattr(base, f"_{kind}_to_file")(value, path)
+        assert path.read_bytes() == raw and getattr(base, f"_file_to_{kind}")(path) == value
+    assert np_ninja._empty is np_ninja.empty
+
+
+def test_published_generator_and_indexable_base(tmp_path):
+    base = mmap_ninja.base
+    samples = [np.arange(i) for i in range(7)]
+    first = base.from_generator_base(tmp_path / "g", iter(samples), 3, RaggedMmap.from_lists)
+    assert isinstance(first, RaggedMmap) and len(first) == 7  # the store the first batch made
+    assert_same_samples(RaggedMmap(tmp_path / "g"), samples)
+    extended = []
+    base.from_indexable_base(tmp_path / "i", samples, 2, RaggedMmap.from_lists,
+                             extend_fn=lambda store, batch: extended.append(len(batch)) or store.extend(batch),
+                             n_jobs=2)
+    assert extended == [2, 2, 1] and len(RaggedMmap(tmp_path / "i")) == 7
+    assert base.from_generator_base(tmp_path / "e", iter([]), 3, RaggedMmap.from_lists) is None
+
+
+def test_published_attributes_are_arrays_over_the_store(tmp_path):
+    flat = RaggedMmap.from_lists(tmp_path / "f", [np.arange(3, dtype=np.int16), np.array(7, np.int16), np.arange(2, dtype=np.int16)])
+    assert flat.starts.tolist() == [0, 3, 4] and flat.ends.tolist() == [3, 4, 6]
+    assert flat.starts.dtype == np.int64 and not flat.starts.flags.writeable
+    assert (flat.ends - flat.starts).tolist() == flat.flattened_shapes.tolist() == [3, 1, 2]
+    assert flat.shapes.tolist() == [[3], [0], [2]] and flat.shapes_are_flat and flat.n == 3
+    assert flat.memmap.tolist() == [0, 1, 2, 7, 0, 1] and flat.memmap.dtype == np.int16
+    assert flat.range.tolist() == [0, 1, 2]
+    flat.append(np.ones((2, 2), np.int16))  # the store becomes nested: shapes is a RaggedMmap
+    assert not flat.shapes_are_flat and flat.n == 4 and flat.ends.tolist() == [3, 4, 6, 10]
+    assert isinstance(flat.shapes, RaggedMmap) and [s.tolist() for s in flat.shapes] == [[3], [], [2], [2, 2]]
+    strings = StringsMmap.from_strings(tmp_path / "s", ["ab", "ü", ""])
+    assert strings.starts.tolist() == [0, 2, 4] and strings.ends.tolist() == [2, 4, 4]  # bytes
+
+
+def test_get_set_single_and_multiple(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.arange(4).reshape(2, 2), np.arange(2)])
+    assert store.get_single(1).tolist() == [[0, 1], [2, 3]]
+    assert [s.tolist() for s in store.get_multiple([2, 0])] == [[0, 1], [0, 1, 2]]
+    store.set_single(0, [5, 5, 5])
+    store.set_multiple(slice(1, 3), [np.full((2, 2), 6), [7, 7]])
+    assert [s.tolist() for s in RaggedMmap(tmp_path / "r")] == [[5, 5, 5], [[6, 6], [6, 6]], [7, 7]]
+    strings = StringsMmap.from_strings(tmp_path / "s", ["abc", "de"])
+    strings.set_single(0, "xyz")
+    strings.set_multiple([1], ["fg"])
+    assert strings.get_multiple(slice(None)) == ["xyz", "fg"] and strings.get_single(-1) == "fg"
+
+
+def test_key_arguments_in_the_published_positions(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(2)], None, "r+", None, "starts", "ends", "shapes", "flattened_shapes")
+    store = RaggedMmap(tmp_path / "r", None, "r", "starts", "ends", "shapes", "flattened_shapes", True)
+    assert store[0].tolist() == [0, 1]
+    StringsMmap.from_strings(tmp_path / "s", ["a"], "r+b", "starts", "ends", False)
+    assert StringsMmap(tmp_path / "s", "r+b", "starts", "ends")[0] == "a"
+    with pytest.raises(ValueError, match=r"RaggedMmap: starts_key='begin' is not supported: stores use "
+                                         r"the format's standard names only \(starts_key='starts'\)"):
+        RaggedMmap(tmp_path / "r", starts_key="begin")
+    with pytest.raises(ValueError, match="ends_key='stop' is not supported"):
+        StringsMmap.from_strings(tmp_path / "t", ["a"], ends_key="stop")
+    with pytest.raises(TypeError, match=r"RaggedMmap.from_generator\(\) got an unexpected keyword argument 'batchsize'"):
+        RaggedMmap.from_generator(tmp_path / "g", iter([np.zeros(1)]), 2, batchsize=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zstd_lvl'"):
+        StringsMmap.from_strings(tmp_path / "z", ["a"], zstd_lvl=3)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "z").exists() and not (tmp_path / "g").exists()
+
+
+def test_open_existing_takes_a_mode(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(3.0)])
+    StringsMmap.from_strings(tmp_path / "s", ["abc"])
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(3.0))
+    assert not open_existing(tmp_path / "r")[0].flags.writeable  # defaults as published
+    assert not open_existing(tmp_path / "n").flags.writeable and open_existing(tmp_path / "s").mode == "r+b"
+    open_existing(tmp_path / "r", mode="r+")[0][0] = 9
+    open_existing(tmp_path / "n", mode="r+b")[1] = 8
+    assert RaggedMmap(tmp_path / "r")[0].tolist() == [9, 1, 2] and np_ninja.open_existing(tmp_path / "n").tolist() == [0, 8, 2]
+    with pytest.raises(ValueError, match="open read-only"):
+        open_existing(tmp_path / "s", mode="r")[0] = "xyz"
+    with pytest.raises(ValueError, match="mode must be 'r', 'r\\+' or 'c'"):
+        open_existing(tmp_path / "r", mode="w")
+
+
+def test_scalar_samples_read_as_python_scalars(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.array(3, np.uint8), np.arange(2, dtype=np.uint8), np.array(4, np.uint8)])
+    assert store[0] == 3 and type(store[0]) is int and type(store[-1]) is int
+    assert store[[2, 0]] == [4, 3] and [type(s) for s in store[:]] == [int, np.ndarray, int]
+    assert store.get_padded([0, 2])[0].tolist() == [3, 4]  # a batch is still an array
+    wrapped = RaggedMmap(tmp_path / "r", wrapper_fn=lambda x: ("got", x))
+    assert wrapped[0] == ("got", 3)
+    store.append(np.ones((2, 2), np.uint8))  # nested now: the scalars stay scalars
+    assert RaggedMmap(tmp_path / "r")[0] == 3 and type(RaggedMmap(tmp_path / "r")[2]) is int
+    assert [type(s) for s in RaggedMmap(tmp_path / "r")[[0, 3]]] == [int, np.ndarray]
+    floats = RaggedMmap.from_lists(tmp_path / "f", [np.array(2.5, np.float32), np.array(True)], dtype=np.float32)
+    assert floats[0] == 2.5 and type(floats[0]) is float and floats[1] == 1.0
+
+
+def test_parallel_shim(tmp_path):
+    from mmap_ninja.parallel import ParallelBatchCollector, make_indexable
+    batches = list(ParallelBatchCollector(make_indexable(lambda i: i * i, 5), 2, n_jobs=2).batches())
+    assert batches == [[0, 1], [4, 9], [16]]
+    unbounded = make_indexable(lambda i: [10, 20, 30][i])  # no length: read until IndexError
+    assert list(ParallelBatchCollector(unbounded, 2).batches()) == [[10, 20], [30]]
+    store = RaggedMmap.from_indexable(tmp_path / "r", make_indexable(lambda i: np.arange(i), 4), 3)
+    assert [len(s) for s in store] == [0, 1, 2, 3]
+
+
+ORIGINAL_TESTS = os.environ.get("MMAP_NINJA_ORIGINAL_TESTS", "")
+
+
+@pytest.mark.skipif(not ORIGINAL_TESTS, reason="set MMAP_NINJA_ORIGINAL_TESTS to the published 0.8.2 "
+                                               "sdist's tests/ directory (.ci/run does)")
+def test_original_test_suite_passes_unmodified(tmp_path):
+    """The published package's own tests (downloaded by .ci/run, never copied here), run as a
+    user switching over would: only this file on the path as mmap_ninja."""
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "mmap_ninja.py").symlink_to(HERE / "mmap_ninja.py")
+    path = os.pathsep.join([str(tmp_path / "single")] + os.environ.get("MMAP_NINJA_ORIGINAL_TEST_DEPS", "").split(";"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", ORIGINAL_TESTS,
+                             f"--basetemp={tmp_path / 'base'}", f"--rootdir={ORIGINAL_TESTS}"],
+                            cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "56 passed" in result.stdout, result.stdout[-500:]
+
+
+LEGACY_WHEELS = os.environ.get("MMAP_NINJA_LEGACY_WHEELS", "")
+
+
+@pytest.mark.skipif(not LEGACY_WHEELS, reason="set MMAP_NINJA_LEGACY_WHEELS to a directory holding the "
+                                              "published mmap_ninja 0.8.2 wheel (.ci/run does)")
+def test_installs_replace_each_other_in_a_fresh_venv(tmp_path):
+    """pip sees this distribution and the published one as the same project (mmap_ninja), so
+    installing either uninstalls the other: neither can silently shadow the other."""
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "-w", str(wheels), str(HERE)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    deps = tmp_path / "deps"  # numpy (and tqdm) from this interpreter, nothing else
+    deps.mkdir()
+    for name in ("numpy", "numpy.libs", "tqdm"):
+        spec = next((pathlib.Path(p) / name for p in sys.path if (pathlib.Path(p) / name).is_dir()), None)
+        if spec is not None:
+            (deps / name).symlink_to(spec)
+    pathlib.Path(site, "deps.pth").write_text(str(deps))
+
+    def pip(*args):
+        result = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index",
+                                 "--find-links", str(wheels), "--find-links", LEGACY_WHEELS, *args],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def which():
+        code = ("import importlib.metadata as m, importlib.util as u; "
+                "print(m.version('mmap_ninja'), u.find_spec('mmap_ninja').origin)")  # (imports nothing)
+        return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True,
+                              cwd=tmp_path).stdout.split()
+
+    assert "Successfully installed mmap_ninja-1.0.0" in pip("mmap_ninja==1.0.0").replace("mmap-ninja", "mmap_ninja")
+    assert which()[0] == "1.0.0"
+    command = venv / "bin" / "mmap-ninja"
+    assert subprocess.run([str(command), "--help"], capture_output=True, cwd=tmp_path).returncode == 0
+    out = pip("mmap_ninja==0.8.2").replace("mmap-ninja", "mmap_ninja")
+    assert "Successfully uninstalled mmap_ninja-1.0.0" in out  # said aloud, not silently shadowed
+    assert which() == ["0.8.2", str(pathlib.Path(site, "mmap_ninja", "__init__.py"))] and not command.exists()
+    assert not pathlib.Path(site, "mmap_ninja.py").exists()
+    out = pip("mmap_ninja==1.0.0").replace("mmap-ninja", "mmap_ninja")
+    assert "Successfully uninstalled mmap_ninja-0.8.2" in out
+    assert which() == ["1.0.0", str(pathlib.Path(site, "mmap_ninja.py"))] and not pathlib.Path(site, "mmap_ninja").exists()
+    assert subprocess.run([str(command), "--help"], capture_output=True, cwd=tmp_path).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +573,7 @@ def test_np_empty_and_zero_size(tmp_path):
     assert np_ninja.open_existing(tmp_path / "e")[1].tolist() == [1, 2]
     z = np_ninja.from_ndarray(tmp_path / "z", np.zeros((0, 4), np.uint8))
     assert isinstance(z, np.memmap) and z.shape == (0, 4)
-    assert os.path.getsize(tmp_path / "z" / "data.ninja") == 0
+    assert os.path.getsize(tmp_path / "z" / "data.ninja") == 1  # as the published writer leaves it
     np_ninja.extend_dir(tmp_path / "z", np.ones((2, 4), np.uint8))
     np.testing.assert_array_equal(np_ninja.open_existing(tmp_path / "z"), np.ones((2, 4)))
     scalar = np_ninja.from_ndarray(tmp_path / "s", np.array(3.5))
