@@ -354,6 +354,8 @@ def _int64_view(mm, n):
     return np.frombuffer(mm, "<i8", n)
 
 
+_PAGE = 512  # strings' offsets are checked a page (4 KB of each index file) at a time
+
 _DTYPE, _SHAPE, _SIZE, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "shape", "size", "nbytes"))
 
 
@@ -459,7 +461,10 @@ def _cast(arr, dtype, path):
     One thing is allowed to change: rounding a float to a narrower float (0.1 into float32)."""
     source = arr.dtype
     group = _KIND_GROUPS.get(dtype.kind)
-    if np.can_cast(source, dtype, "safe") and (group is None or _KIND_GROUPS.get(source.kind) == group):
+    exact = True  # numpy calls int64 -> float64 safe, though 2**53 + 1 does not survive it
+    if source.kind in "iu" and dtype.kind in "fc":
+        exact = np.iinfo(source).bits - (source.kind == "i") <= np.finfo(dtype).nmant + 1
+    if np.can_cast(source, dtype, "safe") and exact and (group is None or _KIND_GROUPS.get(source.kind) == group):
         return arr.astype(dtype)
     if group is None or _KIND_GROUPS.get(source.kind) != group:
         raise TypeError(f"{path}: cannot store values of dtype {source} in a store of dtype "
@@ -1244,7 +1249,7 @@ class _RaggedWriter:
             finally:
                 os.close(fd)
         itemsize = 1 if self.raw else self.dtype.itemsize
-        if not self.raw and _read_meta(d)[1][0] < end:
+        if not self.raw and _read_meta(d)[1][:1] < (end,):
             raise ValueError(f"{d}: the samples end at element {end} but shape.ninja commits "
                              f"fewer: the store is damaged; appends are refused")
         _check_size(join(d, "data.ninja"), end * itemsize, "data")
@@ -1419,6 +1424,7 @@ class _Sequence:
         self._loaded = False
         self._starts = self._ends = _int64_view(None, 0)
         self._np_views = None
+        self._checked, self._unchecked = b"", 0  # (StringsMmap: which pages of offsets are checked)
 
     def _release(self, keep_writer=False):
         if self._writer is not None and not keep_writer:
@@ -1455,14 +1461,19 @@ class _Sequence:
 
     def _get(self, i):
         """Sample i (0 <= i < len): maps what this object appended since it last mapped."""
-        if i >= self._mapped:
-            self._ensure_mapped(i + 1)
-        return self[i]
+        with self._lock():
+            if i >= self._mapped:
+                self._ensure_mapped(i + 1)
+            return self[i]
 
     def _get_other(self, item):
         """Indexing other than by a Python int (the subclasses' hot path): a list of samples."""
         if _is_int(item):
             return self[int(item)]
+        with self._lock():
+            return self._read_other(item)
+
+    def _read_other(self, item):
         self._map_all()
         if type(item) is list and item and len(item) != self._n and type(item[0]) is not bool:
             try:  # the lookups themselves check each key's type and range (negatives wrap)
@@ -1475,8 +1486,9 @@ class _Sequence:
 
     def _batch(self, idx):
         """Samples idx (an int64 array of indices already checked against len(self))."""
-        self._map_all()
-        return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
+        with self._lock():
+            self._map_all()
+            return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
 
     def _lookup(self, keys, *names):
         """column[k] for k in keys, for each named int64 view: a numpy gather for an index
@@ -1546,7 +1558,7 @@ class _Sequence:
             values = list(value)
             if len(values) != len(keys):
                 raise ValueError(f"{d}: {len(values)} values for {len(keys)} samples")
-        with self._locked():
+        with self._lock():
             writes = [self._encode_replacement(i, v) for i, v in zip(keys, values)]  # all checked first
             if self.mode == "c":  # copy-on-write: into this process's private map only
                 data = self._data.view(np.uint8)
@@ -1567,20 +1579,19 @@ class _Sequence:
     def set_multiple(self, item, values):
         self[item] = values
 
-    @contextlib.contextmanager
-    def _locked(self):
-        """This object's mutex (see _init_state)."""
+    def _lock(self):
+        """This object's mutex (see _init_state): held to write, map, and read by anything but
+        the hot path, which reads a consistent set of maps or misses into the slow path."""
         if self._pid != os.getpid():
             self._mutex, self._pid = threading.RLock(), os.getpid()
-        with self._mutex:
-            yield
+        return self._mutex
 
     @contextlib.contextmanager
     def _writing(self, dtype=np.float64, nested=False):
         """Hold the store's write lock (creating the store, with dtype and nested shapes, if the
         directory has none) and yield its writer, synced with what other writers committed."""
         d = self.out_dir
-        with self._locked(), _naming(d):
+        with self._lock(), _naming(d):
             self._check_open()
             writer = self._writer
             if writer is not None and writer.pid != os.getpid():  # inherited through a fork
@@ -1626,7 +1637,7 @@ class _Sequence:
 
     def _ensure_mapped(self, n_needed):
         if n_needed > self._mapped or not self._loaded:
-            with self._locked():
+            with self._lock():
                 if n_needed > self._mapped or not self._loaded:  # (another thread may have)
                     self._check_open()
                     n = self._n
@@ -1656,7 +1667,11 @@ class _Sequence:
             n = min(n, snapshot)
         self._starts = self._index(join(d, "starts"), n)
         self._ends = self._index(join(d, "ends"), n)
-        return n, (self._ends[n - 1] if n else 0)
+        end = self._ends[n - 1] if n else 0
+        if end < 0:
+            raise ValueError(f"{d}/ends: sample {n - 1} ends at {end}, before the data: the store "
+                             f"is damaged")
+        return n, end
 
     def _index(self, store_dir, n):
         """Map the first n entries of an int64 index store (starts, ends, shapes)."""
@@ -1712,9 +1727,9 @@ class RaggedMmap(_Sequence):
             return
         n, end = opened
         dtype, data_shape, _ = _read_meta(d)
-        if data_shape[0] < end:
+        if data_shape[:1] < (end,):
             raise ValueError(f"{d}: sample {n - 1} ends at element {end} but the data holds "
-                             f"{data_shape[0]}: the store is damaged")
+                             f"{data_shape[0] if data_shape else 0}: the store is damaged")
         access = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}[self.mode]
         mm = self._map(join(d, "data.ninja"), end * dtype.itemsize, access)
         # through a memoryview, so mmap.close() refuses (BufferError) while any sample is alive;
@@ -1778,18 +1793,28 @@ class RaggedMmap(_Sequence):
                           f"store is damaged (python -m mmap_ninja verify {self.out_dir} lists "
                           f"what is wrong)")
 
-    def _get_other(self, item):
-        if self.wrapper_fn is None and not _is_int(item):
+    def _read_other(self, item):
+        if self.wrapper_fn is None:
             self._map_all()
-            if self._nested:  # (flat stores: _Sequence's lookups, then _build)
-                return self._views(_indices(item, self._n, self.out_dir))
-        return _Sequence._get_other(self, item)
+            if self._nested or type(item) is not list:  # (lists of ints: _Sequence's lookups, then _build)
+                return self._batch(_indices(item, self._n, self.out_dir))
+        return _Sequence._read_other(self, item)
 
     def _batch(self, idx):
-        if self.wrapper_fn is None and self._nested:
+        if self.wrapper_fn is not None or not len(idx):
+            return _Sequence._batch(self, idx)
+        with self._lock():
             self._map_all()
-            return self._views(idx)
-        return _Sequence._batch(self, idx)
+            return self._views(idx) if self._nested else self._flat_views(idx)
+
+    def _flat_views(self, idx):
+        # lengths checked against shapes/ in one vectorized step (see __getitem__)
+        starts, ends, flat = (self._gather(name, idx) for name in ("_starts", "_ends", "_flat_shapes"))
+        data = self._data
+        out = [data[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+        for k in np.flatnonzero(ends - starts != flat).tolist():
+            out[k] = self._scalar(idx[k], out[k])
+        return out
 
     def _views(self, idx):
         """Samples idx (an int64 array) of a nested store (mapped), wrapper_fn not applied."""
@@ -1977,7 +2002,10 @@ class RaggedMmap(_Sequence):
         (three varying axes, or large images) are copied one by one. Meant for a DataLoader
         ``collate_fn`` or a batch sampler.
         """
-        idx = _indices(indices, self._n, self.out_dir)
+        with self._lock():
+            return self._padded(_indices(indices, self._n, self.out_dir), pad_value)
+
+    def _padded(self, idx, pad_value):
         self._map_all()
         starts = self._gather("_starts", idx)
         if self._nested:
@@ -2416,12 +2444,18 @@ class StringsMmap(_Sequence):
         mm = self._map(join(d, "data.ninja"), end, what="strings data")
         self._buf = mm if mm is not None else b""
         self._zstd = _zstd_codec(d)  # (says at open, not at the first read, if no zstd module)
+        pages = (n + _PAGE - 1) // _PAGE
+        # one flag per page of offsets, then as many zeros: a negative index lands there and
+        # takes the slow path, which checks the page of the sample it means
+        self._checked, self._unchecked = bytearray(2 * pages), pages
         self._n = self._mapped = n
 
     def __getitem__(self, item):
         try:  # the hot path, kept to one Python call (see RaggedMmap.__getitem__)
             raw = self._buf[self._starts[item]:self._ends[item]]
-        except IndexError:  # out of range, or appended since this object mapped its files
+            if not self._checked[item >> 9]:  # (pages of _PAGE = 2**9 strings, see _check_page)
+                raise IndexError
+        except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._get(self._norm_index(item))
         except TypeError:  # a slice, a list, a mask
             return self._get_other(item)
@@ -2429,8 +2463,43 @@ class StringsMmap(_Sequence):
             return raw.decode()  # UTF-8 (the default: faster than naming it)
         return self._zstd[1](raw).decode()
 
+    def _get(self, i):
+        with self._lock():
+            if i >= self._mapped:
+                self._ensure_mapped(i + 1)
+            self._check_page(i // _PAGE)
+            return self[i]
+
+    def _check_page(self, page):
+        """Check the offsets of one page of strings (512: a 4 KB page of each index file) the
+        first time a read needs it: each string starts where the previous one ends and ends
+        inside the data. Nothing else records a string's length, so this is what keeps a
+        damaged offset from serving the bytes of other strings."""
+        if self._checked[page]:
+            return
+        n, lo = self._mapped, page * _PAGE
+        hi = min(lo + _PAGE, n)
+        a, b = max(lo - 1, 0), min(hi + 1, n)  # (and each neighbour)
+        starts, ends = np.asarray(self._starts[a:b]), np.asarray(self._ends[a:b])
+        bad = (ends < starts) | (ends > len(self._buf))
+        bad[1:] |= starts[1:] != ends[:-1]
+        if a == 0:
+            bad[0] |= starts[0] < 0
+        if bad.any():
+            i = a + int(bad.argmax())
+            raise ValueError(f"{self.out_dir}: string {i} spans bytes {self._starts[i]} to "
+                             f"{self._ends[i]}, which do not follow the previous string or fit the "
+                             f"data: the store is damaged (python -m mmap_ninja verify "
+                             f"{self.out_dir} lists what is wrong)")
+        self._checked[page] = 1
+        self._unchecked -= 1
+
     def _build(self, keys, columns):
         """Strings keys (mapped), given their (starts, ends)."""
+        if self._unchecked:  # (until every page has been read once)
+            pages = np.unique(np.asarray(keys, np.int64) % self._mapped // _PAGE)
+            for page in pages[np.frombuffer(self._checked, np.uint8)[pages] == 0].tolist():
+                self._check_page(page)
         if self._zstd is not None:
             return [self[k] for k in keys]
         buf = self._buf
