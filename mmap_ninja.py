@@ -337,7 +337,7 @@ def _map(path, nbytes, access=mmap.ACCESS_READ, what="data", root=None):
     fd = _open_fd(path, what, access == mmap.ACCESS_WRITE, root)
     try:
         size = os.fstat(fd).st_size
-        if size < nbytes:
+        if not 0 <= nbytes <= size:
             raise ValueError(f"{path} holds {size} bytes but its metadata needs {nbytes}: the "
                              f"{what} file is truncated or the store is damaged")
         return mmap.mmap(fd, nbytes, access=access, **_MMAP_KW) if nbytes else None
@@ -354,7 +354,7 @@ def _int64_view(mm, n):
     return np.frombuffer(mm, "<i8", n)
 
 
-_PAGE = 512  # strings' offsets are checked a page (4 KB of each index file) at a time
+_PAGE = 512  # offsets are checked a page (4 KB of each index file) at a time: 2**9 samples
 
 _DTYPE, _SHAPE, _SIZE, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "shape", "size", "nbytes"))
 
@@ -672,6 +672,24 @@ def _check_directory(path):
         hint = " (a .npy file: np.load it, or convert it with python -m mmap_ninja from-npy)" \
             if str(path).endswith(".npy") else ""
         raise NotADirectoryError(f"{path} is a file, not a mmap_ninja store directory{hint}")
+
+
+def _is_store(path, kind):
+    """Whether the directory at path holds a store (of a sequence kind). Without type.ninja
+    it holds none yet: a store being created, or the parts a creation killed before its end
+    left, which hold no sample. Samples without type.ninja are damage, not an empty store."""
+    _check_directory(path)
+    if os.path.lexists(os.path.join(path, "type.ninja")):
+        return True
+    try:
+        n = _count(path) if os.path.lexists(os.path.join(path, "starts", "shape.ninja")) else 0
+    except (OSError, ValueError):  # (a creation killed while writing it)
+        n = 0
+    if n:
+        raise ValueError(f"{path}: type.ninja is missing, but the directory holds {n} samples: the "
+                         f"store is damaged; if it is a {kind} store, restore the file "
+                         f"(printf {kind} > {os.path.join(path, 'type.ninja')})")
+    return False
 
 
 def _clear_unfinished(store_dir):
@@ -1236,18 +1254,20 @@ class _RaggedWriter:
         join, d = os.path.join, self.store_dir
         names = ("starts", "ends") + (() if self.raw else ("flattened_shapes",) + (() if self.nested else ("shapes",)))
         for name in names:
-            if _read_meta(join(d, name))[1][:1] < (n,):
-                raise ValueError(f"{join(d, name)} records fewer entries than the {n} samples "
-                                 f"of the store: it is damaged; appends are refused (restore it "
-                                 f"from a copy or re-create it)")
+            _check_index(join(d, name), n, (1,) if name == "shapes" else ())
             _check_size(join(d, name, "data.ninja"), 8 * n, "index")
+        if self.root != d and self.dtype != np.dtype("<i8"):  # a nested shapes store holds int64
+            raise ValueError(f"{d} holds {self.dtype}, not the int64 shapes of its store: the store "
+                             f"is damaged; appends are refused")
         end = 0
-        if n:
-            fd = _open_fd(join(d, "ends", "data.ninja"), "index")
-            try:
-                end = _U64.unpack(_pread(fd, 8, (n - 1) * 8))[0]
-            finally:
-                os.close(fd)
+        if n:  # an append builds on the last sample: its offsets must agree with each other
+            start, end = _entry(join(d, "starts"), n - 1), _entry(join(d, "ends"), n - 1)
+            previous = _entry(join(d, "ends"), n - 2) if n > 1 else 0
+            size = end - start if self.raw else _entry(join(d, "flattened_shapes"), n - 1)
+            if not 0 <= previous == start <= end or end - start != size:
+                raise ValueError(f"{d}: the last sample's offsets ({start} to {end}, after {previous}, "
+                                 f"{size} elements) disagree: the store is damaged; appends are refused "
+                                 f"(they could overwrite samples): restore it from a copy or re-create it")
         itemsize = 1 if self.raw else self.dtype.itemsize
         if not self.raw and _read_meta(d)[1][:1] < (end,):
             raise ValueError(f"{d}: the samples end at element {end} but shape.ninja commits "
@@ -1320,6 +1340,36 @@ class _RaggedWriter:
     def __del__(self):  # raw descriptors are not closed by the garbage collector
         self.close()
         self.lock.close()
+
+
+def _entry(store_dir, i):
+    """Entry i of the int64 index store in store_dir, read on its own."""
+    fd = _open_fd(os.path.join(store_dir, "data.ninja"), "index")
+    try:
+        return struct.unpack("<q", _pread(fd, 8, 8 * i))[0]
+    finally:
+        os.close(fd)
+
+
+def _offsets_problem(starts, ends, lo, hi, size):
+    """The first of samples lo..hi-1 (or a neighbour) whose offsets do not follow the previous
+    sample's or do not fit inside size (starts, ends: int64 views), else None."""
+    a, b = max(lo - 1, 0), min(hi + 1, len(starts))
+    first, last = np.asarray(starts[a:b]), np.asarray(ends[a:b])
+    bad = (last < first) | (last > size)
+    bad[1:] |= first[1:] != last[:-1]
+    if a == 0:
+        bad[0] |= first[0] < 0
+    return a + int(bad.argmax()) if bad.any() else None
+
+
+def _check_index(store_dir, n, tail=()):
+    """An index store (starts, ends, flattened_shapes, flat shapes: int64 of shape (m, *tail))
+    must record at least the n entries its store commits."""
+    dtype, shape, _ = _read_meta(store_dir)
+    if dtype != np.dtype("<i8") or shape[1:] != tail or shape[:1] < (n,):
+        raise ValueError(f"{store_dir} is {dtype} of shape {shape}, not int64 of shape (at least "
+                         f"{n}{', ' if tail else ','}{', '.join(map(str, tail))}): the store is damaged")
 
 
 def _check_size(path, need, what):
@@ -1424,7 +1474,7 @@ class _Sequence:
         self._loaded = False
         self._starts = self._ends = _int64_view(None, 0)
         self._np_views = None
-        self._checked, self._unchecked = b"", 0  # (StringsMmap: which pages of offsets are checked)
+        self._checked, self._unchecked = [], 0  # which pages of offsets are checked (see _paged)
 
     def _release(self, keep_writer=False):
         if self._writer is not None and not keep_writer:
@@ -1433,6 +1483,7 @@ class _Sequence:
         maps, self._maps = self._maps, []
         self._unmap()
         self._data = self._buf = self._shape_data = self._shape_starts = self._shape_ends = None
+        self._shape_ndims = None
         self._flat_shapes = self._shapes_id = None
         for mm in maps:
             try:
@@ -1460,11 +1511,42 @@ class _Sequence:
             yield from self._get_other(slice(start, min(start + 256, n)))
 
     def _get(self, i):
-        """Sample i (0 <= i < len): maps what this object appended since it last mapped."""
+        """Sample i (0 <= i < len): maps what this object appended since it last mapped, and
+        checks the page of offsets it is in."""
         with self._lock():
             if i >= self._mapped:
                 self._ensure_mapped(i + 1)
-            return self[i]
+            self._check_page(i >> 9)
+            return self[i] if self._checked[i >> 9] else self._sample(i)
+
+    def _paged(self, n):
+        """Map the page flags of n samples, none checked yet: one flag per page of _PAGE
+        samples, then as many False, where a negative index lands (item >> 9 is negative) so
+        that the slow path checks the page of the sample it means. (A list: indexing one by
+        an int costs 12 ns, a bytearray 18.)"""
+        pages = -(-n // _PAGE)  # (True: checked; None: checked, but left to the slow path)
+        self._checked, self._unchecked = [False] * (2 * pages), pages
+
+    def _check_page(self, page):
+        """Check the offsets of one page of samples the first time a read needs it (the hot
+        paths test one flag): each sample starts where the previous one ends and ends inside
+        the data, and (ragged) spans its recorded shape. So a damaged offset is an error, never
+        the bytes of other samples, and no read allocates from one; the cost is one page of
+        each index file, which the read needs anyway, and ~17 ns per read."""
+        if self._checked[page] is not False:
+            return
+        lo = page * _PAGE
+        bad, plain = self._page_problem(lo, min(lo + _PAGE, self._mapped))
+        if bad is not None:
+            raise self._damaged(bad)
+        self._checked[page] = True if plain else None
+        self._unchecked -= 1
+
+    def _check_pages(self, keys):
+        """_check_page for the pages of samples keys (ints, negatives wrapping)."""
+        if self._unchecked:  # (until every page has been read once)
+            for page in np.unique(np.asarray(keys, np.int64) % self._mapped >> 9).tolist():
+                self._check_page(page)
 
     def _get_other(self, item):
         """Indexing other than by a Python int (the subclasses' hot path): a list of samples."""
@@ -1481,6 +1563,7 @@ class _Sequence:
             except (IndexError, TypeError):
                 columns = None  # _indices below says what is wrong
             if columns is not None:
+                self._check_pages(item)
                 return self._build(item, columns)
         return self._batch(_indices(item, self._n, self.out_dir))
 
@@ -1488,7 +1571,10 @@ class _Sequence:
         """Samples idx (an int64 array of indices already checked against len(self))."""
         with self._lock():
             self._map_all()
-            return self._build(idx, self._lookup(idx, "_starts", "_ends")) if len(idx) else []
+            if not len(idx):
+                return []
+            self._check_pages(idx)
+            return self._build(idx, self._lookup(idx, "_starts", "_ends"))
 
     def _lookup(self, keys, *names):
         """column[k] for k in keys, for each named int64 view: a numpy gather for an index
@@ -1609,7 +1695,7 @@ class _Sequence:
                 writer.close()
                 writer.lock.close()
             try:
-                if not os.path.lexists(os.path.join(d, "type.ninja")):
+                if not _is_store(d, self._kind):
                     _clear_unfinished(d)  # what a creation killed before its end left
                     _dtype_to_text(dtype, d)  # refuse a dtype before writing anything
                     _create_ragged(d, dtype, nested, raw=writer.raw, durable=self.durable)
@@ -1652,8 +1738,7 @@ class _Sequence:
         """Map starts/ends for the first `snapshot` samples (all committed ones when None);
         returns (count, end of the last sample), or None when the directory holds no store."""
         d, join = self.out_dir, os.path.join
-        _check_directory(d)
-        if not os.path.lexists(join(d, "type.ninja")):  # no store yet (or one being created)
+        if not _is_store(d, self._kind):  # no store yet (or one being created)
             self._n = self._mapped = 0
             return None
         kind = _read_kind(d)
@@ -1667,18 +1752,16 @@ class _Sequence:
             n = min(n, snapshot)
         self._starts = self._index(join(d, "starts"), n)
         self._ends = self._index(join(d, "ends"), n)
+        self._paged(n)
         end = self._ends[n - 1] if n else 0
         if end < 0:
             raise ValueError(f"{d}/ends: sample {n - 1} ends at {end}, before the data: the store "
                              f"is damaged")
         return n, end
 
-    def _index(self, store_dir, n):
+    def _index(self, store_dir, n, tail=()):
         """Map the first n entries of an int64 index store (starts, ends, shapes)."""
-        _, shape, _ = _read_meta(store_dir)
-        if not shape or shape[0] < n:
-            raise ValueError(f"{store_dir} records {shape[0] if shape else 0} entries but the "
-                             f"store has {n} samples: the store is damaged")
+        _check_index(store_dir, n, tail)
         return _int64_view(self._map(os.path.join(store_dir, "data.ninja"), 8 * n, what="index"), n)
 
     def _map(self, path, nbytes, access=mmap.ACCESS_READ, what="data"):
@@ -1745,10 +1828,11 @@ class RaggedMmap(_Sequence):
             self._shapes_id = (starts_file.st_dev, starts_file.st_ino)
             self._shape_starts = self._index(join(shapes, "starts"), n)
             self._shape_ends = self._index(join(shapes, "ends"), n)
+            self._shape_ndims = self._index(join(shapes, "shapes"), n, (1,))  # (the shapes' lengths)
             total = self._shape_ends[n - 1] if n else 0
             self._shape_data = self._index(shapes, total)
         else:
-            self._flat_shapes = self._index(shapes, n)
+            self._flat_shapes = self._index(shapes, n, (1,))
         self._n = self._mapped = n
 
     def __getitem__(self, item):
@@ -1758,32 +1842,56 @@ class RaggedMmap(_Sequence):
             start = self._starts[item]
             end = self._ends[item]
             sample = self._data[start:end]
-        except IndexError:  # out of range, or appended since this object mapped its files
+            if not self._checked[item >> 9]:  # offsets are checked a page at a time (_check_page)
+                raise IndexError
+        except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._get(self._norm_index(item))
         except TypeError:  # a slice, a list, a mask: start/end are not ints
             return self._get_other(item)
-        # Each sample's size is checked against a second file (its shape), at no cost for
-        # nested stores (reshape checks it) and one lookup for flat ones, so that a damaged
-        # offset is an error, never another sample's bytes.
-        if self._nested:
-            shape = self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist()
-            try:
-                sample = sample.reshape(shape) if shape else sample.reshape(()).item()  # (see _scalar)
-            except ValueError:
-                raise self._damaged(item) from None
-        elif end - start != self._flat_shapes[item]:
-            sample = self._scalar(item, sample)
+        if self._nested:  # (pages holding a scalar sample take the slow path: see _sample)
+            sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
         if self.wrapper_fn is None:
             return sample
         return self.wrapper_fn(_copy(sample) if self.copy_before_wrapper_fn else sample)
 
-    def _scalar(self, item, sample):
-        """A sample of a flat store whose length disagrees with shapes/: a scalar (recorded as
-        length 0 with one element), read as a Python scalar as the published package does, or
-        damage."""
-        if len(sample) != 1 or self._flat_shapes[item]:
-            raise self._damaged(item)
-        return sample.item()
+    def _sample(self, i):
+        """Sample i (mapped, its page checked) when its page holds a scalar sample (recorded as
+        length 0 with one element, or as shape ()), which reads as a Python scalar, as the
+        published package returns it; the hot path leaves such pages to this slow path."""
+        start, end = self._starts[i], self._ends[i]
+        sample = self._data[start:end]
+        if self._nested:
+            shape = self._shape_data[self._shape_starts[i]:self._shape_ends[i]].tolist()
+            sample = sample.reshape(shape) if shape else sample.reshape(()).item()
+        elif end - start == 1 and not self._flat_shapes[i]:
+            sample = sample.item()
+        if self.wrapper_fn is None:
+            return sample
+        return self.wrapper_fn(_copy(sample) if self.copy_before_wrapper_fn else sample)
+
+    def _page_problem(self, lo, hi):
+        """(The first of samples lo..hi-1 whose offsets do not follow their neighbours', fit the
+        data and span their recorded shape, else None; whether none is a scalar)."""
+        bad = _offsets_problem(self._starts, self._ends, lo, hi, len(self._data))
+        if bad is not None:
+            return bad, False
+        sizes = np.asarray(self._ends[lo:hi]) - np.asarray(self._starts[lo:hi])
+        if not self._nested:  # (a scalar is recorded as length 0 with one element)
+            flat = np.asarray(self._flat_shapes[lo:hi])
+            scalars = (flat == 0) & (sizes == 1)
+            ok = (sizes == flat) | scalars
+        else:
+            bad = _offsets_problem(self._shape_starts, self._shape_ends, lo, hi, len(self._shape_data))
+            if bad is not None:
+                return bad, False
+            a, b = np.asarray(self._shape_starts[lo:hi]), np.asarray(self._shape_ends[lo:hi])
+            ndims = b - a
+            axes = np.append(np.asarray(self._shape_data[a[0]:b[-1]]), 1)  # (a 1 for trailing 0-d shapes)
+            products = np.multiply.reduceat(axes, a - a[0])
+            products[ndims == 0] = 1
+            ok = (ndims == np.asarray(self._shape_ndims[lo:hi])) & (products == sizes) & (axes >= 0).all()
+            scalars = ndims == 0
+        return (None if ok.all() else lo + int(ok.argmin())), not scalars.any()
 
     def _damaged(self, item):
         i = self._norm_index(int(item))
@@ -1805,15 +1913,21 @@ class RaggedMmap(_Sequence):
             return _Sequence._batch(self, idx)
         with self._lock():
             self._map_all()
+            self._check_pages(idx)
             return self._views(idx) if self._nested else self._flat_views(idx)
 
+    def _check_pages(self, keys):
+        if self._nested and self._unchecked:
+            self._shape_rows()  # (a regular layout checks every page at once)
+        _Sequence._check_pages(self, keys)
+
     def _flat_views(self, idx):
-        # lengths checked against shapes/ in one vectorized step (see __getitem__)
-        starts, ends, flat = (self._gather(name, idx) for name in ("_starts", "_ends", "_flat_shapes"))
+        starts, ends = self._gather("_starts", idx), self._gather("_ends", idx)
         data = self._data
         out = [data[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
-        for k in np.flatnonzero(ends - starts != flat).tolist():
-            out[k] = self._scalar(idx[k], out[k])
+        for k in np.flatnonzero(ends - starts == 1).tolist():
+            if not self._flat_shapes[idx[k]]:
+                out[k] = out[k].item()  # a scalar (see __getitem__)
         return out
 
     def _views(self, idx):
@@ -1822,12 +1936,8 @@ class RaggedMmap(_Sequence):
         views = self._window_views(idx, rows) if rows is not None and rows.shape[1] > 1 else None
         if views is None:
             data, (starts, ends), shapes = self._data, self._lookup(idx, "_starts", "_ends"), self._shapes_of(idx)
-            try:
-                views = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
-            except ValueError:
-                raise self._damaged(next(i for i, s, e, shape in zip(idx.tolist(), starts, ends, shapes)
-                                         if e - s != math.prod(shape))) from None
-            if not all(shapes):  # scalars, read as Python scalars (see _scalar)
+            views = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
+            if not all(shapes):  # scalars, read as Python scalars (see __getitem__)
                 views = [v if v.ndim else v.item() for v in views]
         return views
 
@@ -1870,10 +1980,9 @@ class RaggedMmap(_Sequence):
         data = self._data
         starts, ends = columns
         out = [data[s:e] for s, e in zip(starts, ends)]
-        (flat,) = self._lookup(keys, "_flat_shapes")
-        for k, (s, e, f) in enumerate(zip(starts, ends, flat)):
-            if e - s != f:  # a 0-d sample, or damage (see __getitem__)
-                out[k] = self._scalar(keys[k], out[k])
+        for k, (s, e) in enumerate(zip(starts, ends)):
+            if e - s == 1 and not self._flat_shapes[keys[k]]:
+                out[k] = out[k].item()  # a scalar (see __getitem__)
         return out
 
     def _shapes_of(self, keys):
@@ -1929,6 +2038,9 @@ class RaggedMmap(_Sequence):
         rows = None
         if n and ndim != -1:
             rows = self._gather("_shape_data", slice(0, n * ndim)).reshape(n, ndim)
+            pages = len(self._checked) // 2  # all checked (by shape: scalars or none)
+            self._checked[:pages] = [True if ndim else None] * pages
+            self._unchecked = 0
         self._np_views["_rows"] = rows
         return rows
 
@@ -2007,21 +2119,14 @@ class RaggedMmap(_Sequence):
 
     def _padded(self, idx, pad_value):
         self._map_all()
+        self._check_pages(idx)  # (no allocation from a damaged offset)
         starts = self._gather("_starts", idx)
         if self._nested:
             shapes, a, b = self._shape_table(idx)
             ndims = {shapes.shape[1]} if shapes is not None else set((b - a).tolist())
-            if shapes is not None and self._np_views.get("_rows") is None:  # (else: checked)
-                bad = self._gather("_ends", idx) - starts != shapes.prod(axis=1)
-                if bad.any():  # no allocation from a damaged shape
-                    raise self._damaged(idx[bad.argmax()])
         else:  # lengths, and which samples are 0-d, in a few vectorized steps
             lengths = self._gather("_ends", idx) - starts
-            flat = self._gather("_flat_shapes", idx)
-            scalar = (lengths == 1) & (flat == 0)
-            ok = (lengths == flat) | scalar
-            if not ok.all():  # no allocation from a damaged offset
-                raise self._damaged(idx[ok.argmin()])
+            scalar = (lengths == 1) & (self._gather("_flat_shapes", idx) == 0)
             ndims = {0} if scalar.all() and len(idx) else {0, 1} if scalar.any() else {1}
             shapes = lengths.reshape(-1, 1) if ndims == {1} else np.zeros((len(idx), 0), np.int64)
         if len(ndims) > 1:
@@ -2316,7 +2421,9 @@ def _zstd_module():
     if zstd is not None:
         def codec(level, dictionary):
             zd = zstd.ZstdDict(dictionary) if dictionary else None
-            return (lambda data: zstd.compress(data, level=level, zstd_dict=zd),
+            options = {zstd.CompressionParameter.compression_level: level,
+                       zstd.CompressionParameter.checksum_flag: 1}
+            return (lambda data: zstd.compress(data, options=options, zstd_dict=zd),
                     lambda data: zstd.decompress(data, zstd_dict=zd))
         return codec, lambda samples, size: zstd.train_dict(samples, size).dict_content
     try:
@@ -2326,7 +2433,7 @@ def _zstd_module():
 
     def codec(level, dictionary):
         zd = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
-        return (lambda data: zstandard.ZstdCompressor(level=level, dict_data=zd).compress(data),
+        return (lambda data: zstandard.ZstdCompressor(level=level, dict_data=zd, write_checksum=True).compress(data),
                 lambda data: zstandard.ZstdDecompressor(dict_data=zd).decompress(data))
     return codec, lambda samples, size: zstandard.train_dictionary(size, samples).as_bytes()
 
@@ -2346,7 +2453,16 @@ def _zstd_codec(store_dir):
                          f"store is damaged") from None
     dict_path = join(store_dir, "zstd_dict.ninja")
     dictionary = _read_bytes(dict_path, "zstd dictionary", 1 << 26) if os.path.lexists(dict_path) else None
-    return codec(level, dictionary)
+    def checked(function, what):
+        def call(data):
+            try:
+                return function(data)
+            except Exception as e:  # each library raises its own error (or MemoryError)
+                raise ValueError(f"{store_dir}: cannot {what} a string with the store's zstd settings "
+                                 f"({type(e).__name__}: {e}): the store is damaged") from e
+        return call
+    compress, decompress = codec(level, dictionary)
+    return checked(compress, "compress"), checked(decompress, "decompress")
 
 
 def _train_dictionary(samples, size, path):
@@ -2383,6 +2499,14 @@ def _utf8(strings, path):
         raise UnicodeEncodeError(e.encoding, bad, e.start, e.end, (
             f"{path}: string {i} holds a lone surrogate, which UTF-8 cannot store; replace it "
             f"first, e.g. s.encode('utf-8', 'replace').decode()")) from None
+
+
+def _decodes(raw):
+    try:
+        raw.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _encodable(string):
@@ -2444,66 +2568,48 @@ class StringsMmap(_Sequence):
         mm = self._map(join(d, "data.ninja"), end, what="strings data")
         self._buf = mm if mm is not None else b""
         self._zstd = _zstd_codec(d)  # (says at open, not at the first read, if no zstd module)
-        pages = (n + _PAGE - 1) // _PAGE
-        # one flag per page of offsets, then as many zeros: a negative index lands there and
-        # takes the slow path, which checks the page of the sample it means
-        self._checked, self._unchecked = bytearray(2 * pages), pages
         self._n = self._mapped = n
 
     def __getitem__(self, item):
         try:  # the hot path, kept to one Python call (see RaggedMmap.__getitem__)
             raw = self._buf[self._starts[item]:self._ends[item]]
-            if not self._checked[item >> 9]:  # (pages of _PAGE = 2**9 strings, see _check_page)
+            if not self._checked[item >> 9]:  # offsets are checked a page at a time (_check_page)
                 raise IndexError
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._get(self._norm_index(item))
         except TypeError:  # a slice, a list, a mask
             return self._get_other(item)
-        if self._zstd is None:
-            return raw.decode()  # UTF-8 (the default: faster than naming it)
-        return self._zstd[1](raw).decode()
+        try:
+            if self._zstd is None:
+                return raw.decode()  # UTF-8 (the default: faster than naming it)
+            return self._zstd[1](raw).decode()
+        except UnicodeDecodeError as e:
+            raise self._undecodable(item, e) from e
 
-    def _get(self, i):
-        with self._lock():
-            if i >= self._mapped:
-                self._ensure_mapped(i + 1)
-            self._check_page(i // _PAGE)
-            return self[i]
+    def _undecodable(self, item, error):
+        return ValueError(f"{self.out_dir}: string {item} is not UTF-8 ({error.reason} at byte "
+                          f"{error.start}): the store is damaged")
 
-    def _check_page(self, page):
-        """Check the offsets of one page of strings (512: a 4 KB page of each index file) the
-        first time a read needs it: each string starts where the previous one ends and ends
-        inside the data. Nothing else records a string's length, so this is what keeps a
-        damaged offset from serving the bytes of other strings."""
-        if self._checked[page]:
-            return
-        n, lo = self._mapped, page * _PAGE
-        hi = min(lo + _PAGE, n)
-        a, b = max(lo - 1, 0), min(hi + 1, n)  # (and each neighbour)
-        starts, ends = np.asarray(self._starts[a:b]), np.asarray(self._ends[a:b])
-        bad = (ends < starts) | (ends > len(self._buf))
-        bad[1:] |= starts[1:] != ends[:-1]
-        if a == 0:
-            bad[0] |= starts[0] < 0
-        if bad.any():
-            i = a + int(bad.argmax())
-            raise ValueError(f"{self.out_dir}: string {i} spans bytes {self._starts[i]} to "
-                             f"{self._ends[i]}, which do not follow the previous string or fit the "
-                             f"data: the store is damaged (python -m mmap_ninja verify "
-                             f"{self.out_dir} lists what is wrong)")
-        self._checked[page] = 1
-        self._unchecked -= 1
+    def _page_problem(self, lo, hi):
+        return _offsets_problem(self._starts, self._ends, lo, hi, len(self._buf)), True
+
+    def _damaged(self, item):
+        i = self._norm_index(int(item))
+        return ValueError(f"{self.out_dir}: string {i} spans bytes {self._starts[i]} to "
+                          f"{self._ends[i]}, which do not follow the previous string or fit the "
+                          f"data: the store is damaged (python -m mmap_ninja verify {self.out_dir} "
+                          f"lists what is wrong)")
 
     def _build(self, keys, columns):
         """Strings keys (mapped), given their (starts, ends)."""
-        if self._unchecked:  # (until every page has been read once)
-            pages = np.unique(np.asarray(keys, np.int64) % self._mapped // _PAGE)
-            for page in pages[np.frombuffer(self._checked, np.uint8)[pages] == 0].tolist():
-                self._check_page(page)
         if self._zstd is not None:
             return [self[k] for k in keys]
         buf = self._buf
-        return [buf[s:e].decode() for s, e in zip(*columns)]
+        try:
+            return [buf[s:e].decode() for s, e in zip(*columns)]
+        except UnicodeDecodeError as e:
+            bad = next(k for k, s, e in zip(keys, *columns) if not _decodes(buf[s:e]))
+            raise self._undecodable(bad, e) from e
 
     def append(self, string):
         """Append one string (crash-safe; O(len(string)))."""
@@ -2751,13 +2857,10 @@ def _verify(path):
     return problems
 
 
-def _index_column(store_dir, n):
+def _index_column(store_dir, n, tail=()):
     """The first n entries of the int64 index store in store_dir, after checking its metadata
     and that its file holds them (so a damaged count allocates nothing)."""
-    dtype, shape, _ = _read_meta(store_dir)
-    if dtype != np.dtype("<i8") or len(shape) not in (1, 2) or shape[0] < n:
-        raise ValueError(f"{store_dir} is {dtype} of shape {shape}, not int64 with at least {n} "
-                         f"entries: the store is damaged")
+    _check_index(store_dir, n, tail)
     return np.asarray(_read_int64(os.path.join(store_dir, "data.ninja"), n), np.int64)
 
 
@@ -2814,7 +2917,7 @@ def _check_store(path, problems, kind=None):
         problems.append(f"{path}: shapes_are_flat.ninja says {flag!r} but shapes/ is "
                         f"{'ragged' if nested else 'flat'}")
     if not nested:
-        lengths = _index_column(shapes_dir, n)
+        lengths = _index_column(shapes_dir, n, (1,))
         held = np.where((lengths == 0) & (flattened == 1), 1, lengths)  # (0-d samples)
         bad = (lengths < 0) | (held != flattened)
         if bad.any():
