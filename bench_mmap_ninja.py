@@ -9,6 +9,7 @@ Writes the figures to bench_results.json (see --json). Standard library + numpy 
 """
 import argparse
 import bisect
+import gc
 import json
 import os
 import platform
@@ -459,12 +460,191 @@ def scaling_bench(tmp, table, small, large):
                   target="≤1.5×" + (", <100 µs" if "append" in key else ""))
 
 
+# ---- Cold reads (--cold): data not in the page cache ------------------------------------------
+
+def store_files(*paths):
+    return [os.path.join(r, f) for p in paths for r, _, fs in os.walk(p) for f in fs] + \
+        [p for p in paths if os.path.isfile(p)]
+
+
+def cached_bytes(files):
+    """Bytes of files in the page cache (fincore); None when fincore is not installed."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum(int(x) for x in out.split())
+
+
+def evict(*paths):
+    """Drop the files under paths from the page cache (no map of them may be open: pages that
+    a process maps are not dropped) and check that they are gone; returns the bytes left."""
+    files = store_files(*paths)
+    gc.collect()
+    left = None
+    for _ in range(20):  # pages still being read are skipped: try again once their I/O ends
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        left = cached_bytes(files)
+        if not left:
+            return left
+        time.sleep(0.1)
+    raise RuntimeError(f"could not evict {paths}: {left} bytes still cached")
+
+
+def cold_runs(pairs, repeat=3):
+    """Median seconds of each (prepare, run) pair, run cold: evict, prepare (open, untimed),
+    run (timed); the pairs interleaved, so that this VM's phases fall on all of them alike."""
+    times = [[] for _ in pairs]
+    for _ in range(repeat):
+        for (paths, prepare, run), out in zip(pairs, times):
+            evict(*paths)
+            state = prepare()
+            t0 = time.perf_counter()
+            run(state)
+            out.append(time.perf_counter() - t0)
+            del state
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def pread_all(path, ranges):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, stop in ranges:
+            os.pread(fd, stop - start, start)
+    finally:
+        os.close(fd)
+
+
+def scan_1mb(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+
+
+def cold_bench(tmp, table, scale):
+    rng = np.random.default_rng(7)
+    n_img, n_tok = max(200, int(2000 * scale)), max(5000, int(300_000 * scale))  # 184 MB, 600 MB
+    images = mn.RaggedMmap.from_generator(os.path.join(tmp, "cold-images"), (
+        rng.integers(0, 255, (int(rng.integers(100, 141)), 256, 3), dtype=np.uint8) for _ in range(n_img)), 256)
+    tokens = mn.RaggedMmap.from_generator(os.path.join(tmp, "cold-tokens"), (
+        rng.integers(0, 50_000, int(rng.integers(300, 701)), dtype=np.int32) for _ in range(n_tok)), 4096)
+    texts = mn.StringsMmap.from_generator(os.path.join(tmp, "cold-strings"), (
+        "ü" + "x" * int(rng.integers(1000, 3000)) for _ in range(n_tok // 2)), 4096)
+    stores = {"images": images, "tokens": tokens, "strings": texts}
+    layout = {k: (s.out_dir, os.path.join(s.out_dir, "data.ninja"), (s.starts * s._io.itemsize).tolist(),
+                  (s.ends * s._io.itemsize).tolist()) for k, s in stores.items()}
+    for s in stores.values():
+        s.close()
+    files = os.path.join(tmp, "cold-files")  # one .npy per image, for the images read
+    os.makedirs(files)
+    pick = {k: rng.choice(len(v[2]), 300, replace=False).tolist() for k, v in layout.items()}
+    with mn.RaggedMmap(layout["images"][0]) as store:
+        for i in pick["images"]:
+            np.save(os.path.join(files, f"{i}.npy"), store[i])
+    open_store = {"images": mn.RaggedMmap, "tokens": mn.RaggedMmap, "strings": mn.StringsMmap}
+
+    def gets(kind):
+        d, data, starts, ends = layout[kind]
+        ranges = [(starts[i], ends[i]) for i in pick[kind]]
+        copy = (lambda x: x) if kind == "strings" else np.array
+        return [((d,), lambda: open_store[kind](d), lambda s: consume(copy(s[i]) for i in pick[kind])),
+                ((data,), lambda: None, lambda s: pread_all(data, ranges))]
+
+    # single random gets, each sample copied out
+    ours, floor, per_file = cold_runs(gets("images") + [((files,), lambda: None, lambda s: consume(
+        np.load(os.path.join(files, f"{i}.npy")) for i in pick["images"]))])
+    table.add("ragged (images ~92 KB), cold", "random get", ours / 300 * 1e6, floor / 300 * 1e6, "os.pread",
+              per_file / 300 * 1e6, target="≤1.3×")
+    for kind, label in (("tokens", "ragged (tokens ~2 KB), cold"), ("strings", "strings (~2 KB), cold")):
+        ours, floor = cold_runs(gets(kind))
+        table.add(label, "random get", ours / 300 * 1e6, floor / 300 * 1e6, "os.pread", target="≤1.3×")
+    # batch reads: store[indices], get_padded, ShardedMmap[indices] (each sample copied out)
+    for kind, batch in (("images", 64), ("images", 256), ("tokens", 256), ("strings", 256)):
+        d, data, starts, ends = layout[kind]
+        idx = rng.choice(len(starts), min(1024, len(starts)), replace=False)
+        batches = [idx[b:b + batch] for b in range(0, len(idx), batch)]
+        ranges = [(starts[i], ends[i]) for i in idx.tolist()]
+        copy = (lambda xs: xs) if kind == "strings" else (lambda xs: consume(map(np.array, xs)))
+        runs = [((d,), lambda: open_store[kind](d), lambda s: consume(copy(s[b]) for b in batches)),
+                ((data,), lambda: None, lambda s: pread_all(data, ranges))]
+        if kind != "strings":
+            runs.append(((d,), lambda: open_store[kind](d), lambda s: consume(s.get_padded(b) for b in batches)))
+        got = cold_runs(runs)
+        name = {"images": "ragged (images), cold", "tokens": "ragged (tokens), cold", "strings": "strings (~2 KB), cold"}[kind]
+        table.add(name, f"batch get ({batch} idx)", got[0] / len(idx) * 1e6, got[1] / len(idx) * 1e6,
+                  "os.pread", target="≤1×")
+        if kind != "strings":
+            table.add(name, f"get_padded ({batch} idx)", got[2] / len(idx) * 1e6, got[1] / len(idx) * 1e6,
+                      "os.pread", target="≤1×")
+    halves = [os.path.join(tmp, f"cold-shard-{k}") for k in (0, 1)]
+    with mn.RaggedMmap(layout["images"][0]) as store:
+        for k, path in enumerate(halves):
+            mn.RaggedMmap.from_lists(path, [np.array(x) for x in store[k::2]]).close()
+    idx = rng.choice(len(layout["images"][2]), min(512, len(layout["images"][2])), replace=False)
+    half_layout = []
+    for path in halves:
+        with mn.RaggedMmap(path) as s:
+            half_layout.append((os.path.join(path, "data.ninja"), s.starts.tolist(), s.ends.tolist()))
+    local = [(k % 2, k // 2) for k in idx.tolist()]
+    ours, floor = cold_runs([(halves, lambda: mn.ShardedMmap(halves), lambda s: consume(
+        np.array(x) for b in range(0, len(idx), 256) for x in s[idx[b:b + 256]])),
+        (halves, lambda: None, lambda s: [pread_all(half_layout[h][0], [(half_layout[h][1][i], half_layout[h][2][i])])
+                                          for h, i in local])])
+    table.add("sharded (2 image shards), cold", "batch get (256 idx)", ours / len(idx) * 1e6,
+              floor / len(idx) * 1e6, "os.pread", target="≤1×")
+    # sequential iteration, each sample copied out, against a 1 MB pread scan of the same bytes
+    for kind in ("images", "tokens", "strings"):
+        d, data, starts, ends = layout[kind]
+        copy = (lambda x: x) if kind == "strings" else np.array
+        ours, floor = cold_runs([((d,), lambda: open_store[kind](d), lambda s: consume(map(copy, s))),
+                                 ((data,), lambda: None, lambda s: scan_1mb(data))])
+        size = os.path.getsize(data) / 1e6
+        name = {"images": "ragged (images), cold", "tokens": "ragged (tokens), cold", "strings": "strings (~2 KB), cold"}[kind]
+        table.add(name, "sequential iteration", size / ours, size / floor, "1 MB os.pread scan", unit="MB/s",
+                  target="≥80%")
+    # a quasi-random epoch of the tokens, each batch read with store[batch] and each sample
+    # copied out: cold, against the same epoch hot and against a sequential scan
+    d, data, _, _ = layout["tokens"]
+    size = os.path.getsize(data) / 1e6
+
+    def epoch(store):
+        for batch in mn.QuasiRandomSampler(store, 256):
+            consume(map(np.array, store[batch]))
+    cold, scan = cold_runs([((d,), lambda: mn.RaggedMmap(d), epoch), ((data,), lambda: None, lambda s: scan_1mb(data))])
+    with mn.RaggedMmap(d) as store:
+        epoch(store)  # (warm)
+        hot = best(lambda: epoch(store), 3)
+    table.add("ragged (tokens), quasi-random epoch", "cold vs the same epoch hot", size / cold, size / hot,
+              "hot epoch", unit="MB/s", target="≥80%")
+    table.add("ragged (tokens), quasi-random epoch", "cold vs a sequential scan", size / cold, size / scan,
+              "1 MB os.pread scan", unit="MB/s", target="≥30%")
+    with mn.RaggedMmap(d) as store:
+        order = np.random.default_rng(3).permutation(len(store))[:2048]
+
+        def random_epoch(s):
+            for b in range(0, len(order), 256):
+                consume(map(np.array, s[order[b:b + 256]]))
+    (rand,) = cold_runs([((d,), lambda: mn.RaggedMmap(d), random_epoch)])
+    table.add("ragged (tokens), random order", "cold, store[batch] of 256 (2,048 samples)",
+              len(order) * size / n_tok / rand, size / scan, "1 MB os.pread scan", unit="MB/s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the sample counts")
     parser.add_argument("--json", default="bench_results.json", help="where to write the figures")
     parser.add_argument("--published", metavar="DIR", help="also run the published package installed in DIR")
+    parser.add_argument("--cold", action="store_true", help="add reads of data not in the page cache (Linux, "
+                        "needs fincore to check the eviction)")
+    parser.add_argument("--only", choices=["cold"], help="run only these rows")
     args = parser.parse_args()
     scale = args.scale * (0.05 if args.quick else 1.0)
     # 100k images (77 MB) and 500k strings (25 MB): large enough that creating the ~50 files of
@@ -479,11 +659,14 @@ def main():
         if published:
             store = mn.RaggedMmap.from_generator(os.path.join(tmp, "append"), iter(image_samples(n)[1]), 4096)
             published["ragged_append_ours"] = best(lambda: store.append(np.zeros((4, 4, 3), np.uint8)), 3, 20) * 1e6
-        ragged_bench(tmp, table, n, rng, published)
-        strings_bench(tmp, table, n * 5, rng, published)
-        numpy_bench(tmp, table, n, rng, published)
-        large_sample_bench(tmp, table, max(8, int(64 * scale)))  # 1 MB samples: 64 MB per run
-        scaling_bench(tmp, table, max(200, int(20_000 * scale)), max(2000, int(2_000_000 * scale)))
+        if args.only is None:
+            ragged_bench(tmp, table, n, rng, published)
+            strings_bench(tmp, table, n * 5, rng, published)
+            numpy_bench(tmp, table, n, rng, published)
+            large_sample_bench(tmp, table, max(8, int(64 * scale)))  # 1 MB samples: 64 MB per run
+            scaling_bench(tmp, table, max(200, int(20_000 * scale)), max(2000, int(2_000_000 * scale)))
+        if args.cold or args.only == "cold":
+            cold_bench(tmp, table, scale)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}"

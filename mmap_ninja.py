@@ -75,7 +75,7 @@ FORMAT_VERSION = 1
 __all__ = [
     "Wrapped", "RaggedMmap", "StringsMmap", "ShardedMmap", "open_existing",
     "np_from_ndarray", "np_from_generator", "np_open_existing", "np_extend_dir", "np_extend",
-    "np_append", "np_empty", "__version__",
+    "np_append", "np_empty", "QuasiRandomSampler", "__version__",
 ]
 
 import argparse
@@ -97,6 +97,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -757,6 +758,202 @@ class _TextBar:
             self.stream.flush()
         except (OSError, ValueError):  # a closed or broken stream must not kill the conversion
             pass
+
+
+###################################################################################################
+# Cold reads: data that is not in the page cache
+###################################################################################################
+
+# A page fault on a mapping reads a whole read-around window (8 MB on this project's VM)
+# synchronously: right for scans, ruinous for random samples (16 to 950 times the bytes asked;
+# with MADV_RANDOM, one synchronous 4 KB read per page instead). Asking the kernel for a
+# sample's pages first (MADV_WILLNEED: the I/O is asynchronous) makes a cold read cost what
+# os.pread of the same bytes costs, and lets a batch's reads overlap. But the call costs 0.7 us
+# per page even when the pages are there, several times a hot read, so a store asks only while
+# its data is found cold, by probing a byte now and then with os.preadv(RWF_NOWAIT), which fails
+# rather than wait for the disk (and starts that read). Where madvise or the probe is missing,
+# reads are plain; store.cold = True asks anyway.
+_ADVISE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_WILLNEED")
+_PROBE = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
+_CHUNK = 128 << 10  # WILLNEED reads at most max(read-ahead, largest request) per call: 128 KB is safe
+
+
+class _ReadAhead:
+    """The cold-read state of one mapping of a store's data. While the data is found cold it
+    stands in for the data on the store's hot path (store._source): slicing it asks for the
+    slice's pages first. Batch reads ask for all their samples' pages; scans are left to the
+    kernel's own read-ahead, which reads sequentially in large blocks."""
+
+    PROBE_EVERY = 64  # probe every 64th read (single or batch) to notice the data turning
+    HOT_AFTER = 16    # consecutive resident probes before cold data is called hot again
+
+    def __init__(self, store):
+        # (a weak reference: a store dropped without close() is freed at once, maps and all)
+        self.store, self.data, self.mm, self.fd, self.itemsize = weakref.ref(store), None, None, None, 1
+        self.cold, self.forced, self.count, self.streak, self.scanning = False, None, 0, 0, 0
+        self.asked = []  # the byte ranges of the last prefetches: (starts, ends) arrays
+        self.aside = None  # the thread asking for the last prefetch
+    def remap(self, data, mm, path, itemsize, starts):
+        """A new mapping of the data (the store's verdict carries over remaps; a first mapping
+        probes a few samples across the store, at start indices starts)."""
+        self.close()
+        self.data, self.mm, self.itemsize = data, mm, itemsize
+        if _PROBE and mm is not None:
+            self.fd = os.open(path, _O_READ)
+        first = self.count == 0 and self.forced is None
+        self.count += 1
+        for i in sorted({0, len(starts) // 3, 2 * len(starts) // 3, len(starts) - 1}) if first and len(starts) else ():
+            self.seen(starts[i] * itemsize)
+        self.set(self.cold)
+
+    def __getitem__(self, item):  # the store's hot path while cold: item is a slice of elements
+        start, stop = item.start * self.itemsize, item.stop * self.itemsize
+        self.count += 1
+        if self.count % self.PROBE_EVERY or not self.seen(start):
+            _willneed(self.mm, start, stop)
+        return self.data[item]
+
+    def resident(self, offset):
+        """Whether the page holding byte offset is in the page cache (True when that cannot be
+        told); probing a page that is not starts reading it."""
+        if self.fd is None or not 0 <= offset < len(self.mm):
+            return True
+        resident = _resident(self.fd, offset)
+        if resident is None:  # a file system without RWF_NOWAIT: stop probing
+            self.close()
+        return resident is not False
+
+    def seen(self, offset):
+        """Probe one byte offset and update the verdict (one miss: cold; HOT_AFTER hits in a
+        row: hot); returns whether it was resident."""
+        resident = self.resident(offset)
+        self.streak = self.streak + 1 if resident else 0
+        cold = not resident or (self.cold and self.streak < self.HOT_AFTER)
+        if self.forced is None and cold != self.cold:
+            self.set(cold)
+        return resident
+
+    def set(self, cold):
+        self.cold = cold
+        store = self.store()
+        if store is not None:
+            store._source = self if cold else self.data
+
+    def due(self):
+        """Whether the next batch read needs batch(): always while cold, now and then while hot."""
+        self.count += 1
+        return self.cold or self.count % self.PROBE_EVERY == 0
+
+    def batch(self, starts, ends):
+        """Before reading samples with these element offsets (int64 arrays, when due()): while
+        cold, ask for their pages unless probes find them there (prefetched, say); while hot,
+        probe one. A scan (iteration) is left to the kernel's read-ahead."""
+        if not len(starts) or self.scanning:
+            return
+        probes = [self.seen(int(starts[k]) * self.itemsize) for k in {0, len(starts) // 2}]
+        starts, ends = starts * self.itemsize, ends * self.itemsize
+        if self.cold and not all(probes) and not self.asked_for(starts, ends):
+            self.ask(starts, ends)
+
+    def ask(self, starts, ends, prefetch=False):
+        """MADV_WILLNEED for the byte ranges [starts, ends) (arrays), joined where they nearly
+        touch (a gap under one chunk is read along). A prefetch is asked for by a thread of its
+        own, which skips chunks found cached, so that it returns at once (asking costs 0.7 us
+        per page: ~14 ms for 64 MB); and it is remembered (the last two), so that the batch
+        reads it announced do not ask again while the pages are on their way (a probe cannot
+        tell pages being read from pages not asked for)."""
+        ranges = _joined(starts, ends)
+        if prefetch:
+            self.asked = self.asked[-1:] + [ranges]
+            middles = (ranges[0] + ranges[1]) // 2  # (a range's first page may be its neighbour's)
+            if all(self.resident(m) for m in middles[::max(1, len(middles) // 8)].tolist()):
+                return  # (a few probes across the ranges found them all cached)
+        if prefetch and self.fd is not None and hasattr(os, "posix_fadvise"):  # (in the order asked)
+            self.aside = threading.Thread(target=_advise_aside, args=(os.dup(self.fd), *ranges, self.aside), daemon=True)
+            self.aside.start()
+        else:
+            for lo, hi in zip(*(r.tolist() for r in ranges)):
+                _willneed(self.mm, lo, hi)
+
+    def asked_for(self, starts, ends):
+        """Whether every byte range [starts, ends) lies in a range of the last prefetches."""
+        for lo, hi in self.asked:
+            k = np.searchsorted(lo, starts, "right") - 1
+            if ((k >= 0) & (ends <= hi[np.maximum(k, 0)])).all():
+                return True
+        return False
+
+    @contextlib.contextmanager
+    def scan(self):
+        """A sequential pass: cold data is read ahead by the kernel, in large blocks (and pages
+        are dropped sooner after use, MADV_SEQUENTIAL), not sample by sample."""
+        self.scanning += 1
+        sequential = self.cold and _ADVISE and self.mm is not None
+        if sequential:
+            with contextlib.suppress(OSError, ValueError):
+                self.mm.madvise(mmap.MADV_SEQUENTIAL)
+        try:
+            yield
+        finally:
+            self.scanning -= 1
+            if sequential:
+                with contextlib.suppress(OSError, ValueError):
+                    self.mm.madvise(mmap.MADV_NORMAL)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close
+
+
+def _joined(starts, ends):
+    """Byte ranges [starts, ends) (arrays) sorted and joined where they nearly touch."""
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    first = np.r_[0, np.flatnonzero(starts[1:] > ends[:-1] + _CHUNK) + 1]
+    return starts[first], ends[np.r_[first[1:] - 1, len(starts) - 1]]
+
+
+def _willneed(mm, start, stop):
+    """Ask the kernel to start reading bytes [start, stop) of mm, in chunks it honours whole."""
+    if not _ADVISE or mm is None:
+        return
+    start -= start % mmap.PAGESIZE
+    stop = min(stop, len(mm))
+    try:
+        for offset in range(start, stop, _CHUNK):
+            mm.madvise(mmap.MADV_WILLNEED, offset, min(_CHUNK, stop - offset))
+    except (OSError, ValueError):  # (advice only: reading works without it)
+        pass
+
+
+def _advise_aside(fd, starts, ends, previous=None):
+    """_willneed's work through a descriptor, in a thread of its own (posix_fadvise releases
+    the GIL), after the previous such thread (so the disk serves them in order); closes fd."""
+    try:
+        if previous is not None:
+            previous.join()
+        for lo, hi in zip(starts.tolist(), ends.tolist()):
+            for offset in range(lo - lo % mmap.PAGESIZE, hi, _CHUNK):
+                os.posix_fadvise(fd, offset, min(_CHUNK, hi - offset), os.POSIX_FADV_WILLNEED)
+    except OSError:  # (advice only)
+        pass
+    finally:
+        os.close(fd)
+
+
+def _resident(fd, offset):
+    """Whether the page of fd's file holding byte offset is in the page cache (None: cannot
+    tell). A 1-byte read that fails rather than wait for the disk, and starts that read."""
+    try:
+        os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    except (OSError, AttributeError):
+        return None
+    return True
 
 
 ###################################################################################################
@@ -1457,6 +1654,7 @@ class _Sequence:
 
     def _init_state(self):
         self._writer, self._closed, self._maps, self._n = None, False, [], 0
+        self._io = _ReadAhead(self)  # how the data is read while not in the page cache
         # one thread at a time maps, remaps or writes through this object (made anew in a
         # forked child, where a copy could be held by a thread that does not exist there)
         self._mutex, self._pid = threading.RLock(), os.getpid()
@@ -1482,6 +1680,8 @@ class _Sequence:
             self._writer = None
         maps, self._maps = self._maps, []
         self._unmap()
+        self._io.close()
+        self._io.data = self._io.mm = self._source = None
         self._data = self._buf = self._shape_data = self._shape_starts = self._shape_ends = None
         self._shape_ndims = None
         self._flat_shapes = self._shapes_id = None
@@ -1507,8 +1707,44 @@ class _Sequence:
 
     def __iter__(self):
         n = self._n
-        for start in range(0, n, 256):  # batch reads: cheaper per sample than self[i]
-            yield from self._get_other(slice(start, min(start + 256, n)))
+        self._map_all()
+        with self._io.scan():  # (cold data: the kernel's read-ahead, see _ReadAhead.scan)
+            for start in range(0, n, 256):  # batch reads: cheaper per sample than self[i]
+                yield from self._get_other(slice(start, min(start + 256, n)))
+
+    def prefetch(self, indices):
+        """Start reading samples ``indices`` (an int, slice, list, array or mask) from disk and
+        return at once, so that a loader can announce batch k+1 while it works on batch k.
+        Pages already in the page cache are skipped; it never changes what is read. Batch reads
+        ask for their own samples while the data is cold; see ``cold``."""
+        idx = _indices([indices] if _is_int(indices) else indices, self._n, self.out_dir)
+        with self._lock():
+            self._map_all()
+            if len(idx):
+                size = self._io.itemsize
+                self._io.ask(self._gather("_starts", idx) * size, self._gather("_ends", idx) * size, prefetch=True)
+
+    @property
+    def cold(self):
+        """Whether reads treat the data as not in the page cache: each read then first asks the
+        kernel for the sample's pages (MADV_WILLNEED), so that it costs what os.pread of the
+        same bytes costs instead of a page fault's read-around. Found by probing now and then
+        (see _ReadAhead); set it True or False to decide yourself, None to probe again."""
+        self._map_all()
+        return self._io.cold
+
+    @cold.setter
+    def cold(self, value):
+        self._map_all()
+        self._io.forced = value
+        self._io.set(bool(value) if value is not None else self._io.cold)
+
+    def _ask(self, idx, reach=0):
+        """Before reading samples idx (checked): their pages, while the data is cold (and
+        reach elements from each start, for reads that run past a sample's end)."""
+        if self._io.due():
+            starts = self._gather("_starts", idx)
+            self._io.batch(starts, np.maximum(self._gather("_ends", idx), starts + reach))
 
     def _get(self, i):
         """Sample i (0 <= i < len): maps what this object appended since it last mapped, and
@@ -1564,6 +1800,7 @@ class _Sequence:
                 columns = None  # _indices below says what is wrong
             if columns is not None:
                 self._check_pages(item)
+                self._ask(item)
                 return self._build(item, columns)
         return self._batch(_indices(item, self._n, self.out_dir))
 
@@ -1574,6 +1811,7 @@ class _Sequence:
             if not len(idx):
                 return []
             self._check_pages(idx)
+            self._ask(idx)
             return self._build(idx, self._lookup(idx, "_starts", "_ends"))
 
     def _lookup(self, keys, *names):
@@ -1807,6 +2045,7 @@ class RaggedMmap(_Sequence):
         if opened is None:
             self._dtype, self._data, self._nested = None, np.zeros(0), False
             self._flat_shapes = _int64_view(None, 0)
+            self._source = self._data
             return
         n, end = opened
         dtype, data_shape, _ = _read_meta(d)
@@ -1820,6 +2059,7 @@ class RaggedMmap(_Sequence):
         self._data = np.frombuffer(memoryview(mm), dtype, end) if mm is not None else np.zeros(0, dtype)
         if access == mmap.ACCESS_READ:
             self._data.flags.writeable = False
+        self._io.remap(self._data, mm, join(d, "data.ninja"), dtype.itemsize, self._starts)
         self._dtype = dtype
         shapes = _shapes_dir(d)
         self._nested = os.path.isdir(join(shapes, "starts"))
@@ -1841,7 +2081,7 @@ class RaggedMmap(_Sequence):
         try:
             start = self._starts[item]
             end = self._ends[item]
-            sample = self._data[start:end]
+            sample = self._source[start:end]  # (the data, or while it is cold a _ReadAhead)
             if not self._checked[item >> 9]:  # offsets are checked a page at a time (_check_page)
                 raise IndexError
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
@@ -1914,6 +2154,7 @@ class RaggedMmap(_Sequence):
         with self._lock():
             self._map_all()
             self._check_pages(idx)
+            self._ask(idx)
             return self._views(idx) if self._nested else self._flat_views(idx)
 
     def _check_pages(self, keys):
@@ -2134,6 +2375,7 @@ class RaggedMmap(_Sequence):
                              f"dimensions, got {sorted(ndims)}-dimensional ones")
         ndim, k = ndims.pop() if ndims else 1, len(idx)
         shapes = np.asarray(shapes, np.int64).reshape(k, ndim)
+        self._ask(idx, math.prod(shapes.max(axis=0).tolist()) if k else 0)  # (gathers read a padded sample's span)
         pad = np.full((), pad_value, dtype=self._dtype or np.float64)
         if not k or ndim == 0:  # nothing, or one element per sample
             return (self._data[starts] if k else np.full((0,) + (0,) * ndim, pad)), shapes
@@ -2562,17 +2804,18 @@ class StringsMmap(_Sequence):
         self._zstd = None
         opened = self._map_index(snapshot)
         if opened is None:
-            self._buf = b""
+            self._buf = self._source = b""
             return
         n, end = opened
         mm = self._map(join(d, "data.ninja"), end, what="strings data")
         self._buf = mm if mm is not None else b""
+        self._io.remap(self._buf, mm, join(d, "data.ninja"), 1, self._starts)
         self._zstd = _zstd_codec(d)  # (says at open, not at the first read, if no zstd module)
         self._n = self._mapped = n
 
     def __getitem__(self, item):
         try:  # the hot path, kept to one Python call (see RaggedMmap.__getitem__)
-            raw = self._buf[self._starts[item]:self._ends[item]]
+            raw = self._source[self._starts[item]:self._ends[item]]  # (see RaggedMmap.__getitem__)
             if not self._checked[item >> 9]:  # offsets are checked a page at a time (_check_page)
                 raise IndexError
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
@@ -2772,11 +3015,30 @@ class ShardedMmap:
 
     def __iter__(self):
         for shard in self.shards:
-            for i in range(len(shard)):
-                yield shard[i]
+            yield from shard
+
+    def prefetch(self, indices):
+        """Start reading samples ``indices`` from disk and return at once (see
+        RaggedMmap.prefetch); each shard is asked for its own."""
+        idx = _indices([indices] if _is_int(indices) else indices, len(self), "ShardedMmap")
+        shard_of = np.searchsorted(self._first, idx, "right") - 1
+        for k in np.unique(shard_of).tolist():
+            _prefetch(self.shards[k], idx[shard_of == k] - self._bounds[k])
 
     def __repr__(self):
         return f"ShardedMmap({len(self.paths)} shards, {len(self)} samples)"
+
+
+def _prefetch(store, idx):
+    """store.prefetch(idx) for any store: a numpy store's memmap asks for its rows' pages."""
+    if hasattr(store, "prefetch"):
+        return store.prefetch(idx)
+    data = store.data if isinstance(store, Wrapped) else store
+    if isinstance(data, np.memmap) and isinstance(data.base, mmap.mmap) and data.ndim and data.flags.c_contiguous:
+        row = data.strides[0]
+        offsets = np.asarray(idx, np.int64) * row + data.offset
+        for lo, hi in zip(*(r.tolist() for r in _joined(offsets, offsets + row))):
+            _willneed(data.base, lo, hi)
 
 
 def _shard_dirs(parent):
@@ -2791,6 +3053,128 @@ def _shard_dirs(parent):
     if not shards:
         raise FileNotFoundError(f"{parent} holds no mmap_ninja store subdirectories")
     return shards
+
+
+###################################################################################################
+# Training loops: epochs over data bigger than RAM
+###################################################################################################
+
+class QuasiRandomSampler:
+    """Batches of indices for epochs over a store bigger than RAM, read at near-sequential speed.
+
+    A random order reads a cold store one page at a time (under 1% of a sequential scan's
+    speed). This one (FFCV's QUASI_RANDOM idea) splits the store into blocks of about
+    ``block_bytes`` of data and shuffles the blocks; it then takes them ``GROUP`` at a time, and
+    each group a ``1/SPLIT`` of every block at a time (a window), and shuffles each window so
+    that any stretch of it draws evenly from all the blocks. So every batch draws from many
+    distant parts of the store, while the pages needed at any time stay bounded: the window
+    being read and the next one, which it asks for meanwhile (``store.prefetch``), a few MB
+    each, so that little waits for the disk even at the start.
+
+    An iterable of batches (lists of int indices) with ``len()`` and ``set_epoch(epoch)``: pass
+    it to a PyTorch ``DataLoader`` as ``batch_sampler`` (the main process prefetches; the page
+    cache serves every worker), or iterate it directly. Each epoch is a permutation of this
+    rank's share; the ranks' shares are disjoint and together cover the store, padded with at
+    most ``world_size - 1`` repeats (or, with ``drop_last``, cut, and the last short batch
+    dropped), as ``DistributedSampler`` does. The order depends on ``seed`` and the epoch only.
+    Works with every store kind, ``ShardedMmap`` included (a block never spans two shards).
+    """
+
+    GROUP = 8  # blocks read together (a short last group joins the one before: 8 to 15)
+    SPLIT = 4  # windows per group: each a quarter of every block of the group
+
+    def __init__(self, store, batch_size, *, seed=0, rank=0, world_size=1, drop_last=False, block_bytes=8 << 20):
+        self.batch_size = _check_batch_size(batch_size)
+        world_size, block_bytes = _check_batch_size(world_size), _check_batch_size(block_bytes)
+        if not (_is_int(rank) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be an int in [0, {world_size}) for world_size={world_size}, got {rank!r}")
+        self.store, self.seed, self.rank, self.world_size = store, int(seed), int(rank), world_size
+        self.drop_last, self.epoch = bool(drop_last), 0
+        self.blocks = _block_starts(store, block_bytes)  # each block's first index, then len(store)
+        n = int(self.blocks[-1])
+        self.per_rank = n // world_size if drop_last else -(-n // world_size)
+
+    def set_epoch(self, epoch):
+        """Use epoch's order (call it before each epoch, as with DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.per_rank // self.batch_size if self.drop_last else -(-self.per_rank // self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        windows = self._windows(rng)
+        carry, window = np.zeros(0, np.int64), next(windows, None)
+        if window is not None:
+            _prefetch(self.store, window)
+        while window is not None:
+            following = next(windows, None)
+            if following is not None:  # asked for while this window is read
+                _prefetch(self.store, following)
+            carry = np.concatenate([carry, self._shuffled(window, rng)])
+            while len(carry) >= self.batch_size or (following is None and len(carry) and not self.drop_last):
+                yield carry[:self.batch_size].tolist()
+                carry = carry[self.batch_size:]
+            window = following
+
+    def _windows(self, rng):
+        """This rank's indices, a window at a time (each in block order)."""
+        sizes = np.diff(self.blocks)
+        perm = rng.permutation(len(sizes))
+        first, size = self.blocks[:-1][perm], sizes[perm]
+        index = np.arange(int(size.sum()), dtype=np.int64) + np.repeat(first - (np.cumsum(size) - size), size)
+        # padded with the epoch's first indices (at most world_size - 1), or cut; then this rank's part
+        total = self.per_rank * self.world_size
+        index = np.resize(index, total)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        block = np.searchsorted(self.blocks, index, "right")
+        runs = np.r_[0, np.flatnonzero(block[1:] != block[:-1]) + 1, len(index)] if len(index) else [0]
+        groups = list(runs[:-1:self.GROUP]) + [len(index)]
+        if len(runs) - 1 > self.GROUP and (len(runs) - 1) % self.GROUP:
+            del groups[-2]  # a short last group joins the one before
+        for lo, hi in zip(groups, groups[1:]):
+            part = index[lo:hi]
+            starts = np.r_[0, np.flatnonzero(np.diff(block[lo:hi])) + 1]
+            length = np.diff(np.r_[starts, hi - lo])
+            run = np.repeat(np.arange(len(starts)), length)
+            quarter = (np.arange(hi - lo) - starts[run]) * self.SPLIT // length[run]
+            for q in range(self.SPLIT):
+                yield part[quarter == q]
+
+    @staticmethod
+    def _shuffled(window, rng):
+        """A window (in block order) shuffled so that any stretch of it draws evenly from its
+        blocks: a sample ranked r (at random) in its block's m goes to (r + U) / m of the span."""
+        if not len(window):
+            return window
+        run = np.r_[0, np.cumsum(np.diff(window) != 1)]
+        starts = np.r_[0, np.flatnonzero(np.diff(run)) + 1]
+        rank = np.empty(len(window), np.int64)
+        rank[np.argsort(run + rng.random(len(window)))] = np.arange(len(window))
+        rank -= starts[run]
+        length = np.diff(np.r_[starts, len(window)])[run]
+        return window[np.argsort((rank + rng.random(len(window))) / length)]
+
+    def __repr__(self):
+        return (f"QuasiRandomSampler({len(self)} batches of {self.batch_size}, rank {self.rank} of "
+                f"{self.world_size}, {len(self.blocks) - 1} blocks, epoch {self.epoch})")
+
+
+def _block_starts(store, block_bytes):
+    """The index where each block of store starts (samples whose data lies in one stretch of
+    block_bytes of one file), then len(store)."""
+    if isinstance(store, ShardedMmap):
+        parts = [_block_starts(shard, block_bytes)[:-1] + first for shard, first in zip(store.shards, store._bounds)]
+        return np.unique(np.concatenate(parts + [np.array([len(store)], np.int64)]))
+    data = store.data if isinstance(store, Wrapped) else store
+    n = len(data)
+    if isinstance(data, _Sequence):
+        offsets = data.starts * data._io.itemsize
+    elif isinstance(data, np.ndarray) and data.ndim:
+        offsets = np.arange(n, dtype=np.int64) * data.strides[0]
+    else:  # a sequence of unknown layout: blocks of as many samples as 4 KB ones would make
+        offsets = np.arange(n, dtype=np.int64) * 4096
+    block = offsets // block_bytes
+    return np.r_[0, np.flatnonzero(block[1:] != block[:-1]) + 1, n].astype(np.int64) if n else np.zeros(1, np.int64)
 
 
 ###################################################################################################
