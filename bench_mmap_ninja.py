@@ -430,6 +430,25 @@ def numpy_bench(tmp, table, n, rng, published=None):
     table.add("numpy (64 float32 rows)", "np_extend_dir (1 row)", best(lambda: mn.np_extend_dir(d, row), number=50) * 1e6)
 
 
+def conversion_bench(tmp, table, n):
+    """ShardedMmap.from_indexable from a store (which pickles as its path), on 1 and 2 worker
+    processes: a local process pool, as a Dask cluster's executor would run it."""
+    from concurrent.futures import ProcessPoolExecutor
+    _, samples = image_samples(n)
+    source = mn.RaggedMmap.from_generator(os.path.join(tmp, "conv-src"), iter(samples), 4096)
+    size = sum(s.nbytes for s in samples) / 1e6
+
+    def convert(workers):
+        def run(path):
+            with ProcessPoolExecutor(workers) as pool:
+                mn.ShardedMmap.from_indexable(path, source, 4, executor=pool)
+        return run
+    (one, two), _ = best_of_each([convert(1), convert(2)], tmp, repeat=3)
+    table.add("sharded conversion (images)", "4 shards, 1 worker process", size / one, unit="MB/s")
+    table.add("sharded conversion (images)", "4 shards, 2 worker processes", size / two, size / one,
+              "1 worker process", unit="MB/s")
+
+
 def scaling_bench(tmp, table, small, large):
     """open and append cost at `small` and `large` samples (tiny samples, to keep creation quick)."""
     results = {}
@@ -665,6 +684,7 @@ def main():
             numpy_bench(tmp, table, n, rng, published)
             large_sample_bench(tmp, table, max(8, int(64 * scale)))  # 1 MB samples: 64 MB per run
             scaling_bench(tmp, table, max(200, int(20_000 * scale)), max(2000, int(2_000_000 * scale)))
+            conversion_bench(tmp, table, n)
         if args.cold or args.only == "cold":
             cold_bench(tmp, table, scale)
     finally:

@@ -85,10 +85,12 @@ import contextlib
 import errno
 import functools
 import itertools
+import json
 import math
 import mmap
 import operator
 import os
+import pickle
 import shutil
 import stat
 import struct
@@ -98,7 +100,7 @@ import time
 import types
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -165,12 +167,17 @@ def _open_fd(path, what="file", write=False, root=None):
 
 
 def _check_inside(path, root):
-    """Refuse to write to path when a symlink leads it out of the store at root."""
-    real, top = os.path.realpath(path), os.path.realpath(root)
-    if os.path.commonpath([real, top]) != top:
-        raise PermissionError(f"{path} leads outside the store {root} through a symbolic link: "
-                              f"mmap_ninja never writes outside a store; replace the link with "
-                              f"the file or directory itself")
+    """Refuse to write to path when a symlink leads it out of the store at root: no directory
+    between root (which may itself be a link) and the file may be one (the file itself is
+    opened with O_NOFOLLOW)."""
+    parts = os.path.relpath(path, root).split(os.sep) if not path.startswith(root + os.sep) else \
+        path[len(root) + 1:].split(os.sep)
+    for depth in range(1, len(parts)):
+        where = os.path.join(root, *parts[:depth])
+        if parts[depth - 1] == ".." or os.path.islink(where):
+            raise PermissionError(f"{path} leads outside the store {root} through a symbolic link: "
+                                  f"mmap_ninja never writes outside a store; replace the link with "
+                                  f"the file or directory itself")
 
 
 def _read_bytes(path, what, limit=_META_MAX):
@@ -809,7 +816,7 @@ class _ReadAhead:
     def __getitem__(self, item):  # the store's hot path while cold: item is a slice of elements
         start, stop = item.start * self.itemsize, item.stop * self.itemsize
         self.count += 1
-        if self.count % self.PROBE_EVERY or not self.seen(start):
+        if stop > start and (self.count % self.PROBE_EVERY or not self.seen(start)):
             _willneed(self.mm, start, stop)
         return self.data[item]
 
@@ -1933,7 +1940,7 @@ class _Sequence:
                 writer.close()
                 writer.lock.close()
             try:
-                if not _is_store(d, self._kind):
+                if not os.path.lexists(os.path.join(d, "type.ninja")) and not _is_store(d, self._kind):
                     _clear_unfinished(d)  # what a creation killed before its end left
                     _dtype_to_text(dtype, d)  # refuse a dtype before writing anything
                     _create_ragged(d, dtype, nested, raw=writer.raw, durable=self.durable)
@@ -2081,9 +2088,9 @@ class RaggedMmap(_Sequence):
         try:
             start = self._starts[item]
             end = self._ends[item]
-            sample = self._source[start:end]  # (the data, or while it is cold a _ReadAhead)
             if not self._checked[item >> 9]:  # offsets are checked a page at a time (_check_page)
                 raise IndexError
+            sample = self._source[start:end]  # (the data, or while it is cold a _ReadAhead)
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._get(self._norm_index(item))
         except TypeError:  # a slice, a list, a mask: start/end are not ints
@@ -2815,9 +2822,9 @@ class StringsMmap(_Sequence):
 
     def __getitem__(self, item):
         try:  # the hot path, kept to one Python call (see RaggedMmap.__getitem__)
-            raw = self._source[self._starts[item]:self._ends[item]]  # (see RaggedMmap.__getitem__)
             if not self._checked[item >> 9]:  # offsets are checked a page at a time (_check_page)
                 raise IndexError
+            raw = self._source[self._starts[item]:self._ends[item]]  # (see RaggedMmap.__getitem__)
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._get(self._norm_index(item))
         except TypeError:  # a slice, a list, a mask
@@ -2980,6 +2987,65 @@ class ShardedMmap:
     def __reduce__(self):
         return (ShardedMmap, ([os.path.abspath(p) for p in self.paths], self.wrapper_fn))
 
+    @classmethod
+    def from_indexable(cls, out_dir, indexable, num_shards, *, executor=None, kind=None, batch_size=4096,
+                       verbose=False, wrapper_fn=None):
+        """Write ``indexable[0], ..., indexable[len - 1]`` as ``num_shards`` stores under ``out_dir``,
+        each written by one task of ``executor`` (any ``concurrent.futures.Executor``: a Dask
+        cluster's ``client.get_executor()``, ``mpi4py.futures.MPIPoolExecutor``, a process pool;
+        by default a local process pool), and return them as one ``ShardedMmap``.
+
+        Shard ``k`` holds one contiguous range of indices, in order, so the result reads exactly
+        like the source. Each task gets the indexable pickled (a store pickles as its path).
+        ``kind``: "ragged", "strings" or "numpy" (by default strings if the first item is a str,
+        else ragged). A shard appears only when complete (built under a hidden name, then
+        renamed): a failed task or a killed worker leaves nothing ``ShardedMmap`` reads, and
+        calling again with the same arguments writes only the missing shards. ``out_dir``
+        records its layout (``shards.json``): another layout there is refused, never mixed.
+        """
+        out_dir = os.fspath(out_dir)
+        n = _length(indexable)
+        if n is None:
+            raise TypeError(f"{out_dir}: ShardedMmap.from_indexable splits len(indexable) items into "
+                            f"shards, and {type(indexable).__name__} has no len(); use "
+                            f"RaggedMmap.from_indexable for a source read until IndexError")
+        num_shards, batch_size = _check_batch_size(num_shards), _check_batch_size(batch_size)
+        manifest = os.path.join(out_dir, "shards.json")
+        if kind is None and os.path.lexists(manifest):  # a rerun: the kind it recorded
+            kind = json.loads(_read_bytes(manifest, "shard layout")).get("kind")
+        if kind is None:
+            kind = "strings" if n and isinstance(indexable[0], str) else "ragged"
+        if kind not in _SHARD_WRITERS:
+            raise ValueError(f"{out_dir}: kind must be 'ragged', 'strings' or 'numpy', got {kind!r}")
+        bounds = [n * k // num_shards for k in range(num_shards + 1)]
+        layout = {"num_shards": num_shards, "length": n, "kind": kind, "bounds": bounds}
+        names = _shard_names(out_dir, layout)
+        missing = [k for k, name in enumerate(names)
+                   if not _complete(os.path.join(out_dir, name), bounds[k + 1] - bounds[k])]
+        if missing:
+            try:
+                pickle.dumps(indexable)
+            except Exception as e:
+                raise TypeError(f"{out_dir}: the indexable goes to every task, so it must pickle "
+                                f"({type(e).__name__}: {e}); a store pickles as its path, a "
+                                f"lambda does not (use a module-level function)") from e
+        own = executor is None and len(missing) > 0
+        if own:
+            executor = ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1))
+        try:
+            tasks = [executor.submit(_write_shard, os.path.join(out_dir, names[k]), indexable, bounds[k],
+                                     bounds[k + 1], kind, batch_size) for k in missing]
+            failed = None
+            for task in _progress(as_completed(tasks), total=len(tasks), desc="shards", verbose=verbose):
+                if task.exception() is not None and failed is None:
+                    failed = task.exception()  # (the other shards are kept: a rerun adds the rest)
+            if failed is not None:
+                raise failed
+        finally:
+            if own:
+                executor.shutdown(cancel_futures=True)
+        return cls(out_dir, wrapper_fn)
+
     def __len__(self):
         return self._bounds[-1]
 
@@ -3041,13 +3107,66 @@ def _prefetch(store, idx):
             _willneed(data.base, lo, hi)
 
 
+_SHARD_WRITERS = {"ragged": lambda path, samples, batch: RaggedMmap.from_generator(path, samples, batch),
+                  "strings": lambda path, samples, batch: StringsMmap.from_generator(path, samples, batch),
+                  "numpy": lambda path, samples, batch: np_from_generator(path, samples, batch)}
+
+
+def _write_shard(path, source, start, stop, kind, batch_size):
+    """One task of ShardedMmap.from_indexable: source[start:stop] as the store at path (built
+    aside and renamed when complete, so safe to run twice). Returns its length."""
+    store = _SHARD_WRITERS[kind](path, (source[i] for i in range(start, stop)), batch_size)
+    return stop - start if store is None else len(store)
+
+
+def _shard_names(out_dir, layout):
+    """The shard directory names of a conversion to out_dir, after recording its layout there,
+    or checking that the layout recorded there is the same."""
+    manifest = os.path.join(out_dir, "shards.json")
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.lexists(manifest):
+        found = json.loads(_read_bytes(manifest, "shard layout"))
+        if found != layout:
+            raise ValueError(f"{out_dir} holds the shards of another conversion ({found['num_shards']} "
+                             f"shards of {found['length']} {found['kind']} samples; this one makes "
+                             f"{layout['num_shards']} of {layout['length']} {layout['kind']}): use "
+                             f"another directory, or remove that one first") from None
+    else:
+        others = [name for name in os.listdir(out_dir) if not name.startswith(".")]
+        if others:
+            raise ValueError(f"{out_dir} is not empty ({_short(sorted(others))}): a conversion "
+                             f"writes its shards into a directory of its own")
+        _write_atomic(manifest, json.dumps(layout).encode())
+    width = len(str(layout["num_shards"]))
+    return [f"shard-{k:0{width}d}-of-{layout['num_shards']}" for k in range(layout["num_shards"])]
+
+
+def _complete(path, length):
+    try:
+        store = open_existing(path)
+    except (OSError, ValueError):
+        return False
+    return len(store) == length
+
+
 def _shard_dirs(parent):
     """The stores a ShardedMmap over parent reads, in order: its store subdirectories sorted by
     name (hidden ones, such as shards still being written, are not read), or parent itself when
-    it is a store (a store's own parts are never read as shards)."""
+    it is a store (a store's own parts are never read as shards). The output of a conversion
+    (ShardedMmap.from_indexable) must hold every shard its layout names."""
     _check_directory(parent)
     if os.path.lexists(os.path.join(parent, "type.ninja")):
         return [parent]
+    manifest = os.path.join(parent, "shards.json")
+    if os.path.lexists(manifest):
+        layout = json.loads(_read_bytes(manifest, "shard layout"))
+        names = _shard_names(parent, layout)
+        missing = [name for name in names if not os.path.lexists(os.path.join(parent, name, "type.ninja"))]
+        if missing:
+            raise FileNotFoundError(f"{parent} holds {len(names) - len(missing)} of the {len(names)} "
+                                    f"shards of its conversion (missing {_short(missing)}): it is not "
+                                    f"complete; run ShardedMmap.from_indexable again to finish it")
+        return [os.path.join(parent, name) for name in names]
     shards = sorted(os.path.join(parent, name) for name in os.listdir(parent)
                     if not name.startswith(".") and os.path.lexists(os.path.join(parent, name, "type.ninja")))
     if not shards:

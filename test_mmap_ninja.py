@@ -1,6 +1,8 @@
 """Tests for mmap_ninja.py. Needs only numpy and pytest: python -m pytest -q"""
+import bisect
 import errno
 import json
+import mmap
 import os
 import pathlib
 import pickle
@@ -23,6 +25,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 LEGACY = HERE / "testdata" / "legacy-stores"
 HAS_ZSTD = mmap_ninja._zstd_module() is not None
 needs_zstd = pytest.mark.skipif(not HAS_ZSTD, reason="no zstd module (Python 3.14+ or zstandard)")
+HAS_TORCH = __import__("importlib").util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 
 
@@ -561,9 +565,9 @@ def test_writers_never_follow_symlinks_out_of_the_store(tmp_path):
     RaggedMmap.from_lists(d, [np.arange(3)])
     (d / "data.ninja").unlink()
     (d / "data.ninja").symlink_to(victim)
-    with pytest.raises(PermissionError, match="never writes outside a store"):
+    with pytest.raises(PermissionError, match="data.ninja is a symbolic link: mmap_ninja never writes through links"):
         RaggedMmap(d).append(np.arange(2))
-    with pytest.raises(PermissionError, match="never writes outside a store"):
+    with pytest.raises(PermissionError, match="never writes through links"):
         RaggedMmap(d, mode="r+")[0] = [1, 2, 3]
     assert victim.read_bytes() == b"precious" * 3
     other = tmp_path / "elsewhere"  # a symlinked part: starts/ leads outside
@@ -580,7 +584,7 @@ def test_writers_never_follow_symlinks_out_of_the_store(tmp_path):
     (tmp_path / "n" / "data.ninja").symlink_to(victim)
     for attempt in (lambda: np_ninja.extend_dir(tmp_path / "n", np.arange(1)),
                     lambda: np_ninja.open_existing(tmp_path / "n", mode="r+")):
-        with pytest.raises(PermissionError, match="outside the store"):
+        with pytest.raises(PermissionError, match="never writes through links"):
             attempt()
     assert victim.read_bytes() == b"precious" * 3
 
@@ -1322,6 +1326,408 @@ def test_a_creation_killed_at_each_step_recovers(how, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     word, steps = result.stdout.split()
     assert word == "ok" and int(steps) > 10  # it really was killed at many steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets bigger than RAM: cold reads, prefetch, QuasiRandomSampler
+# ---------------------------------------------------------------------------------------------
+
+def cold_stores(tmp_path):
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 255, (int(rng.integers(2, 9)), 4, 3), dtype=np.uint8) for _ in range(700)]
+    tokens = [np.arange(int(rng.integers(0, 40)), dtype=np.int32) + k for k in range(1500)] + [np.array(7, np.int32)]
+    texts = [f"text {k} " + "ü" * (k % 13) for k in range(1200)]
+    RaggedMmap.from_lists(tmp_path / "images", images)
+    RaggedMmap.from_lists(tmp_path / "tokens", tokens)
+    StringsMmap.from_strings(tmp_path / "texts", texts)
+    RaggedMmap.from_lists(tmp_path / "parts" / "a", images[:300])
+    RaggedMmap.from_lists(tmp_path / "parts" / "b", images[300:])
+    return {"images": images, "tokens": tokens, "texts": texts}
+
+
+def read_everything(store, rng):
+    """Every way of reading a store, in a fixed order: single gets, batches, get_padded, iteration."""
+    n = len(store)
+    idx = rng.permutation(n)
+    out = [store[int(i)] for i in idx[:200]] + [store[-1], store[-n]]
+    out += [store[list(map(int, idx[200:300]))], store[idx[300:556]], store[5:9], list(store)]
+    if isinstance(store, RaggedMmap) and store.shape_of(0) != ():
+        out.append(store.get_padded(idx[idx < n - 1][:64]))  # (the last sample is a scalar)
+    return out
+
+
+def same_reads(a, b):
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_reads(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and (a == b).all()
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("name", ["images", "tokens", "texts", "parts"])
+def test_cold_reads_and_prefetch_never_change_what_is_read(name, tmp_path, monkeypatch):
+    cold_stores(tmp_path)
+
+    def open_store():
+        return ShardedMmap(tmp_path / "parts") if name == "parts" else open_existing(tmp_path / name)
+    plain = read_everything(open_store(), np.random.default_rng(1))
+    asked = []
+    real = mmap_ninja._willneed
+    monkeypatch.setattr(mmap_ninja, "_willneed", lambda mm, a, b: asked.append((a, b)) or real(mm, a, b))
+    store = open_store()
+    for shard in getattr(store, "shards", [store]):
+        shard.cold = True  # every read asks for its pages first
+    store.prefetch(np.arange(0, len(store), 7))
+    store.prefetch(3)
+    assert same_reads(read_everything(store, np.random.default_rng(1)), plain)
+    assert len(asked) > 100 and all(0 <= a < b for a, b in asked)
+    for shard in getattr(store, "shards", [store]):
+        shard.cold = False
+    asked.clear()
+    assert same_reads(read_everything(store, np.random.default_rng(1)), plain) and asked == []
+    monkeypatch.setattr(mmap_ninja, "_ADVISE", False)  # a platform without madvise (or the probe)
+    monkeypatch.setattr(mmap_ninja, "_PROBE", False)
+
+    class NoAdvice:
+        def __len__(self):
+            return 1 << 20
+
+        def madvise(self, *args):
+            raise AssertionError("madvise called where the platform has none")
+    real(NoAdvice(), 0, 1 << 19)
+    store = open_store()
+    for shard in getattr(store, "shards", [store]):
+        shard.cold = True
+        assert shard._io.fd is None  # (no probing descriptor either)
+    store.prefetch(np.arange(len(store)))
+    assert same_reads(read_everything(store, np.random.default_rng(1)), plain)
+
+
+def evict_store(path):
+    """Drop a store's files from the page cache (no map of them may be open)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            os.fsync(fd)  # (dirty pages are not dropped)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+@pytest.mark.skipif(not (mmap_ninja._PROBE and mmap_ninja._ADVISE and hasattr(os, "posix_fadvise")),
+                    reason="needs RWF_NOWAIT probes, madvise and posix_fadvise (Linux)")
+def test_cold_data_is_found_by_probing_and_left_when_hot(tmp_path, monkeypatch):
+    RaggedMmap.from_lists(tmp_path / "r", [np.full(2000, k, np.int32) for k in range(3000)])  # 24 MB
+    evict_store(tmp_path / "r")
+    store = RaggedMmap(tmp_path / "r")
+    if not store.cold:
+        pytest.skip("this file system keeps the pages (or probes cannot tell): nothing to test")
+    asked = []
+    real = mmap_ninja._willneed
+    monkeypatch.setattr(mmap_ninja, "_willneed", lambda mm, a, b: asked.append((a, b)) or real(mm, a, b))
+    assert store[10][0] == 10 and asked == [(10 * 8000, 11 * 8000)]  # its own pages, asked for
+    with open(tmp_path / "r" / "data.ninja", "rb") as f:  # now in the page cache:
+        f.read()
+    for i in range(3000):  # probes (every 64th read) find it, 16 times in a row
+        assert store[i][0] == i
+    assert not store.cold
+    asked.clear()
+    store[5]
+    assert asked == []  # hot reads ask nothing
+    store.cold = True  # forced: probes no longer decide
+    for i in range(2000):
+        store[i]
+    assert store.cold and len(asked) == 2000 - 2000 // 64
+
+
+def sampler_store(tmp_path, kind="tokens", n=3000):
+    if kind == "tokens":
+        return RaggedMmap.from_lists(tmp_path / "t", [np.full(k % 7 + 250, k, np.int32) for k in range(n)])  # ~1 KB
+    if kind == "strings":
+        return StringsMmap.from_strings(tmp_path / "s", ["x" * (k % 50 + 500) for k in range(n)])
+    if kind == "numpy":
+        return np_ninja.from_ndarray(tmp_path / "n", np.zeros((n, 256), np.int32))
+    RaggedMmap.from_lists(tmp_path / "p" / "0", [np.zeros(256, np.int32)] * (n // 3))
+    RaggedMmap.from_lists(tmp_path / "p" / "1", [np.zeros(256, np.int32)] * (n - n // 3))
+    return ShardedMmap(tmp_path / "p")
+
+
+@pytest.mark.parametrize("kind", ["tokens", "strings", "numpy", "sharded", "list"])
+def test_quasi_random_epochs_are_permutations_that_spread_and_change(kind, tmp_path):
+    store = list(range(3000)) if kind == "list" else sampler_store(tmp_path, kind)
+    sampler = mmap_ninja.QuasiRandomSampler(store, 100, seed=3, block_bytes=64 << 10)
+    blocks = sampler.blocks.tolist()
+    assert blocks[0] == 0 and blocks[-1] == 3000 and len(blocks) - 1 >= 20
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 30 and all(len(b) == 100 for b in batches)
+        assert all(type(i) is int for b in batches for i in b)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(3000))  # a permutation
+        for b in batches:  # each batch draws from at least 8 blocks
+            assert len({bisect.bisect_right(blocks, i) for i in b}) >= 8
+        epochs.append(flat)
+        sampler.set_epoch(epoch)
+        assert [i for b in sampler for i in b] == flat  # the same seed and epoch: the same order
+    assert epochs[0] != epochs[1]
+    other = mmap_ninja.QuasiRandomSampler(store, 100, seed=4, block_bytes=64 << 10)
+    assert [i for b in other for i in b] != epochs[0]
+    if kind == "sharded":  # a block never spans two shards
+        assert 1000 in blocks
+
+
+def test_quasi_random_positions_do_not_follow_the_index(tmp_path):
+    store = sampler_store(tmp_path, "tokens", 20000)
+    correlations = []
+    for seed in range(5):
+        flat = [i for b in mmap_ninja.QuasiRandomSampler(store, 256, seed=seed, block_bytes=32 << 10) for i in b]
+        correlations.append(np.corrcoef(flat, np.arange(len(flat)))[0, 1])
+    assert abs(np.mean(correlations)) < 0.05 and max(map(abs, correlations)) < 0.15, correlations
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_quasi_random_ranks_split_each_epoch(world_size, drop_last, tmp_path):
+    store = sampler_store(tmp_path, "tokens", 1001)
+    samplers = [mmap_ninja.QuasiRandomSampler(store, 32, rank=r, world_size=world_size, drop_last=drop_last,
+                                              block_bytes=16 << 10) for r in range(world_size)]
+    for epoch in (0, 5):
+        shares = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            assert all(len(b) == 32 for b in batches[:-1]) and (not drop_last or len(batches[-1]) == 32)
+            shares.append([i for b in batches for i in b])
+        per_rank = 1001 // world_size if drop_last else -(-1001 // world_size)
+        if not drop_last:
+            assert all(len(s) == per_rank for s in shares)
+        seen = [i for s in shares for i in s]
+        if drop_last:  # cut: disjoint, and at most world_size - 1 samples left out (plus short batches)
+            assert len(set(seen)) == len(seen) and len(seen) >= 1001 - (world_size - 1) - world_size * 31
+        else:  # padded: together they cover the store, with at most world_size - 1 repeats
+            assert set(seen) == set(range(1001)) and len(seen) - 1001 <= world_size - 1
+            assert sum(len(set(a) & set(b)) for a in shares for b in shares if a is not b) <= 2 * (world_size - 1)
+
+
+def test_quasi_random_prefetches_one_window_ahead(tmp_path, monkeypatch):
+    store = sampler_store(tmp_path, "tokens", 6000)
+    asked = []
+    monkeypatch.setattr(mmap_ninja, "_prefetch", lambda s, idx: asked.append(np.asarray(idx).tolist()))
+    sampler = mmap_ninja.QuasiRandomSampler(store, 50, block_bytes=32 << 10)
+    consumed = set()
+    for batch in sampler:
+        ahead = {i for window in asked for i in window} - consumed - set(batch)
+        window = max(map(len, asked))
+        assert ahead <= set().union(*map(set, asked[-2:])) and len(ahead) <= 2 * window  # bounded
+        consumed |= set(batch)
+    assert sorted(i for w in asked for i in w) == list(range(6000))  # each window asked for once
+    assert len(asked) > 8
+
+
+def test_quasi_random_sampler_refuses_bad_arguments(tmp_path):
+    store = sampler_store(tmp_path, "tokens", 10)
+    for kwargs, message in [(dict(rank=2, world_size=2), "rank must be an int in \\[0, 2\\)"),
+                            (dict(world_size=0), "must be a positive integer"),
+                            (dict(block_bytes=-1), "must be a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            mmap_ninja.QuasiRandomSampler(store, 4, **kwargs)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        mmap_ninja.QuasiRandomSampler(store, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale out: shards written by any executor; ranks
+# ---------------------------------------------------------------------------------------------
+
+class FlakySource:
+    """A picklable indexable that raises (or kills its process) at one index while a flag file
+    exists: a task that fails, or a worker that dies."""
+
+    def __init__(self, samples, bad, flag, kill=False):
+        self.samples, self.bad, self.flag, self.kill = samples, bad, str(flag), kill
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        if i == self.bad and os.path.exists(self.flag):
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"source broke at {i}")
+        return self.samples[i]
+
+
+def sharded_leftovers(out):
+    return [p.name for d in (out, *[p for p in out.iterdir() if p.is_dir()]) for p in d.iterdir() if ".ninja-new-" in p.name]
+
+
+@pytest.mark.parametrize("kind", ["ragged", "strings", "numpy"])
+def test_sharded_conversion_on_a_process_pool(kind, tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+    rng = np.random.default_rng(2)
+    samples = {"ragged": [rng.integers(0, 9, (k % 4 + 1, 3)).astype(">i2") for k in range(103)],
+               "strings": [f"s{k} ü" * (k % 3) for k in range(103)],
+               "numpy": [np.full(4, k, np.float32) for k in range(103)]}[kind]
+    source = RaggedMmap.from_lists(tmp_path / "src", samples) if kind == "ragged" else samples
+    with ProcessPoolExecutor(2) as pool:
+        sharded = ShardedMmap.from_indexable(tmp_path / "out", source, 5, executor=pool,
+                                             kind=None if kind != "numpy" else "numpy")
+    assert len(sharded) == 103 and [os.path.basename(p) for p in sharded.paths] == [f"shard-{k}-of-5" for k in range(5)]
+    assert [len(s) for s in sharded.shards] == [20, 21, 20, 21, 21]
+    got = list(sharded)
+    if kind == "strings":
+        assert got == samples
+    else:
+        assert_same_samples(got, samples)
+    again = ShardedMmap.from_indexable(tmp_path / "out", source, 5)  # nothing missing: nothing written
+    assert len(again) == 103 and sharded_leftovers(tmp_path / "out") == []
+
+
+def test_a_failed_task_leaves_no_partial_shard_and_a_rerun_finishes(tmp_path, capsys, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+    samples = [np.arange(k % 5) for k in range(90)]
+    flag = tmp_path / "broken"
+    flag.write_text("")
+    out = tmp_path / "out"
+    with ProcessPoolExecutor(2) as pool:
+        with pytest.raises(RuntimeError, match="source broke at 40"):
+            ShardedMmap.from_indexable(out, FlakySource(samples, 40, flag), 3, executor=pool)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-0-of-3", "shard-2-of-3", "shards.json"]
+    assert sharded_leftovers(out) == []
+    with pytest.raises(FileNotFoundError, match="holds 2 of the 3 shards of its conversion .*run ShardedMmap.from_indexable again"):
+        ShardedMmap(out)
+    kept = {p.name: p.stat().st_ino for p in out.iterdir()}
+    flag.unlink()
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the text bar
+    sharded = ShardedMmap.from_indexable(out, FlakySource(samples, 40, flag), 3, verbose=True)
+    assert_same_samples(list(sharded), samples)
+    assert all((out / name).stat().st_ino == ino for name, ino in kept.items() if name.startswith("shard-"))
+    assert "shards: 100% 1/1" in capsys.readouterr().err  # only the missing shard was written
+
+
+def test_a_killed_worker_leaves_nothing_read_and_a_rerun_finishes(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    samples = [f"string {k}" for k in range(60)]
+    flag = tmp_path / "kill"
+    flag.write_text("")
+    out = tmp_path / "out"
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.raises(BrokenProcessPool):
+            ShardedMmap.from_indexable(out, FlakySource(samples, 25, flag, kill=True), 2, executor=pool, batch_size=4)
+    with pytest.raises(FileNotFoundError, match="not complete"):
+        ShardedMmap(out)
+    flag.unlink()
+    assert list(ShardedMmap.from_indexable(out, FlakySource(samples, 25, flag), 2)) == samples
+    assert sharded_leftovers(out) == []  # what the killed worker left was cleared
+
+
+def test_a_mismatched_rerun_is_refused(tmp_path):
+    samples = [np.arange(k % 3) for k in range(20)]
+    ShardedMmap.from_indexable(tmp_path / "out", samples, 2)
+    before = snapshot(tmp_path / "out")
+    for args, kwargs in [((samples, 3), {}), ((samples[:19], 2), {}), ((samples, 2), dict(kind="numpy"))]:
+        with pytest.raises(ValueError, match="holds the shards of another conversion .*use another directory"):
+            ShardedMmap.from_indexable(tmp_path / "out", *args, **kwargs)
+    assert snapshot(tmp_path / "out") == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="other is not empty"):
+        ShardedMmap.from_indexable(tmp_path / "other", samples, 2)
+    with pytest.raises(TypeError, match="has no len"):
+        ShardedMmap.from_indexable(tmp_path / "x", (s for s in samples), 2)
+    with pytest.raises(TypeError, match="must pickle"):
+        ShardedMmap.from_indexable(tmp_path / "y", mmap_ninja._IndexableFunction(lambda i: samples[i], 20), 2)
+
+
+try:
+    import distributed  # noqa: F401
+    HAS_DASK = True
+except ImportError:
+    HAS_DASK = False
+
+
+@pytest.mark.skipif(not HAS_DASK, reason="dask.distributed is not installed")
+def test_sharded_conversion_on_a_dask_cluster(tmp_path):
+    import dask
+    from distributed import Client, LocalCluster
+    samples = [np.full((k % 3 + 1, 2), k, np.int64) for k in range(200)]
+    source = RaggedMmap.from_lists(tmp_path / "src", samples)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        sharded = ShardedMmap.from_indexable(tmp_path / "out", source, 4, executor=client.get_executor(pure=False))
+        workers = client.run(os.getpid)
+    assert len(set(workers.values())) == 2 and os.getpid() not in workers.values()
+    assert_same_samples(list(sharded), samples)
+    assert_same_samples(list(ShardedMmap(tmp_path / "out")), samples)
+
+
+def _ddp_rank(rank, world_size, init_method, store_path, out):
+    """One rank of test_ddp_ranks_split_each_epoch (module level: torch spawns it by name)."""
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        store = ShardedMmap(store_path)
+        sampler = mmap_ninja.QuasiRandomSampler(store, 16, rank=dist.get_rank(), world_size=dist.get_world_size())
+        epochs = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            mine = [i for batch in sampler for i in batch]
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, mine)
+            epochs.append(gathered)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(epochs, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_torch
+def test_ddp_ranks_split_each_epoch(tmp_path):
+    """Two gloo ranks on this machine, each with a QuasiRandomSampler over one ShardedMmap."""
+    import torch.multiprocessing
+    ShardedMmap.from_indexable(tmp_path / "shards", [np.full(300, k, np.int32) for k in range(999)], 3)
+    out = tmp_path / "epochs.json"
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "shards"),
+                                                 str(out)), nprocs=2, join=True)
+    epochs = json.loads(out.read_text())
+    for ranks in epochs:
+        a, b = map(set, ranks)
+        assert len(ranks[0]) == len(ranks[1]) == 500  # ceil(999 / 2): one index repeated
+        assert a | b == set(range(999)) and len(a & b) <= 1
+    assert epochs[0] != epochs[1]  # set_epoch: another order
+
+
+@needs_torch
+def test_readme_torchrun_recipe(tmp_path):
+    code = readme_block("import torch\nimport torch.distributed as dist")
+    (tmp_path / "train.py").write_text(code)
+    ShardedMmap.from_indexable(tmp_path / "tokens-sharded", [np.arange(k % 50 + 1) for k in range(1000)], 4)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    import re  # (the two ranks print to one stdout: their lines may run together)
+    found = sorted(re.findall(r"rank (\d) epoch (\d): (\d+) samples", result.stdout))
+    assert found == [(str(r), str(e), "500") for r in (0, 1) for e in (0, 1)]
+
+
+@pytest.mark.skipif(not HAS_DASK, reason="dask.distributed is not installed")
+def test_readme_dask_recipe(tmp_path):
+    code = readme_block("from distributed import Client, LocalCluster")
+    (tmp_path / "convert.py").write_text(code)
+    RaggedMmap.from_lists(tmp_path / "images", [np.full((k % 4 + 1, 2, 3), k, np.uint8) for k in range(100)])
+    result = subprocess.run([sys.executable, "convert.py"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONPATH=str(HERE)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[:2] == ["100", "8"]
+    assert_same_samples(list(ShardedMmap(tmp_path / "images-sharded")), list(RaggedMmap(tmp_path / "images")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2583,8 +2989,6 @@ def test_readme_quick_start(tmp_path):
     assert result.stdout.splitlines() == expected
 
 
-HAS_TORCH = __import__("importlib").util.find_spec("torch") is not None
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 
 
 @needs_torch
