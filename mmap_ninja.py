@@ -109,32 +109,43 @@ try:  # POSIX: serialize writers with flock. Windows has no fcntl; writers are t
 except ImportError:  # pragma: no cover
     fcntl = None
 
-
 ###################################################################################################
-# Format I/O: small helpers that read and write the metadata files with clear errors
+# Format I/O: the files of a store, read and written with clear errors
 ###################################################################################################
-
 _U64 = struct.Struct("<Q")
+
 _I32 = struct.Struct("<i")
+
 # memoryview.cast("q") turns an index file into Python ints in ~30 ns. It reads native byte
 # order, so big-endian machines use (slower) numpy views of "<i8" instead.
 _NATIVE_LITTLE = sys.byteorder == "little"
+
 # Python 3.13 lets a map live without holding a duplicate file descriptor.
 _MMAP_KW = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
 # Every name the format uses inside a store directory: what a writer clears from a store that
 # was never completed. Anything else in the directory is the user's and is never touched.
 _FORMAT_NAMES = ("type.ninja", "dtype.ninja", "shape.ninja", "order.ninja", "data.ninja", "starts",
                  "ends", "shapes", "shapes.new", "shapes.old", "flattened_shapes",
                  "shapes_are_flat.ninja", "zstd_level.ninja", "zstd_dict.ninja")
+
 # Metadata files are a few bytes (a dtype literal at most a few KB): reads are bounded, so a
 # hostile or damaged file (a device, a huge literal) cannot feed us without end.
 _META_MAX = 1 << 16
+
 _O_CLOEXEC, _O_NOFOLLOW = getattr(os, "O_CLOEXEC", 0), getattr(os, "O_NOFOLLOW", 0)
+
 # O_NONBLOCK: opening a FIFO planted in a store returns at once (and is then refused) instead
 # of waiting forever for a writer. It changes nothing for regular files.
 _O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
+
 _O_WRITE = os.O_RDWR | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC | _O_NOFOLLOW
+
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate newlines
+
+_PAGE = 512  # offsets are checked a page (4 KB of each index file) at a time: 2**9 samples
+
+_DTYPE, _SHAPE, _SIZE, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "shape", "size", "nbytes"))
 
 
 def _open_fd(path, what="file", write=False, root=None):
@@ -178,6 +189,14 @@ def _check_inside(path, root):
             raise PermissionError(f"{path} leads outside the store {root} through a symbolic link: "
                                   f"mmap_ninja never writes outside a store; replace the link with "
                                   f"the file or directory itself")
+
+
+def _check_directory(path):
+    """A store is a directory: a missing one is an empty store, a file is refused."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        hint = " (a .npy file: np.load it, or convert it with python -m mmap_ninja from-npy)" \
+            if str(path).endswith(".npy") else ""
+        raise NotADirectoryError(f"{path} is a file, not a mmap_ninja store directory{hint}")
 
 
 def _read_bytes(path, what, limit=_META_MAX):
@@ -340,6 +359,44 @@ def _write_meta(store_dir, dtype, shape, order="C", kind="numpy", durable=False,
         _write_new(join(store_dir, "type.ninja"), kind.encode(), durable)
 
 
+def _check_index(store_dir, n, tail=()):
+    """An index store (starts, ends, flattened_shapes, flat shapes: int64 of shape (m, *tail))
+    must record at least the n entries its store commits."""
+    dtype, shape, _ = _read_meta(store_dir)
+    if dtype != np.dtype("<i8") or shape[1:] != tail or shape[:1] < (n,):
+        raise ValueError(f"{store_dir} is {dtype} of shape {shape}, not int64 of shape (at least "
+                         f"{n}{', ' if tail else ','}{', '.join(map(str, tail))}): the store is damaged")
+
+
+def _check_size(path, need, what):
+    size = os.stat(path).st_size
+    if size < need:
+        raise ValueError(f"{path} holds {size} bytes but the store's metadata commits {need}: "
+                         f"the {what} file was truncated or damaged; appends are refused (restore "
+                         f"it from a copy or re-create the store)")
+
+
+def _entry(store_dir, i):
+    """Entry i of the int64 index store in store_dir, read on its own."""
+    fd = _open_fd(os.path.join(store_dir, "data.ninja"), "index")
+    try:
+        return struct.unpack("<q", _pread(fd, 8, 8 * i))[0]
+    finally:
+        os.close(fd)
+
+
+def _read_int64(path, n):
+    _check_size(path, 8 * n, "index")
+    fd = _open_fd(path, "index")
+    try:
+        raw = _pread(fd, 8 * n, 0)
+    finally:
+        os.close(fd)
+    if len(raw) != 8 * n:
+        raise ValueError(f"{path} holds fewer than the {n} entries its store needs: damaged")
+    return np.frombuffer(raw, "<i8").tolist()
+
+
 def _map(path, nbytes, access=mmap.ACCESS_READ, what="data", root=None):
     """Map the first nbytes of path (None for 0 bytes, which mmap cannot map)."""
     fd = _open_fd(path, what, access == mmap.ACCESS_WRITE, root)
@@ -360,11 +417,6 @@ def _int64_view(mm, n):
     if _NATIVE_LITTLE:
         return memoryview(mm)[: 8 * n].cast("q")
     return np.frombuffer(mm, "<i8", n)
-
-
-_PAGE = 512  # offsets are checked a page (4 KB of each index file) at a time: 2**9 samples
-
-_DTYPE, _SHAPE, _SIZE, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "shape", "size", "nbytes"))
 
 
 def _pack(arrays, nbytes):
@@ -442,6 +494,20 @@ def _naming(path, action="write to"):
                                f"samples are intact)") from e
 
 
+def _short(value):
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+###################################################################################################
+# Samples: what can be stored, and the one cast policy
+###################################################################################################
 def _as_sample(value, path, dtype=None):
     """value as an ndarray that can be stored (cast to dtype when given, see _cast); refuses
     objects and impossible casts up front."""
@@ -493,17 +559,41 @@ def _cast(arr, dtype, path):
     return out
 
 
-def _short(value):
-    text = repr(value)
-    return text if len(text) < 60 else text[:57] + "..."
+def _copy(sample):
+    return np.array(sample, copy=True) if isinstance(sample, np.ndarray) else sample
 
 
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
+def _is_int(item):
+    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
 
 
+def _indices(item, n, path):
+    """A slice, list/array of ints or boolean mask as an int64 array of non-negative indices."""
+    if isinstance(item, slice):
+        return np.arange(*item.indices(n), dtype=np.int64)
+    idx = np.asarray(item)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise IndexError(f"{path}: boolean mask of shape {idx.shape} does not match the "
+                             f"store's {n} samples")
+        return np.flatnonzero(idx)
+    if idx.size == 0:
+        return np.zeros(0, np.int64)
+    if idx.dtype.kind not in "iu" or idx.ndim != 1:
+        raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
+                        f"boolean mask, got {_short(item)}")
+    idx = idx.astype(np.int64, copy=False)
+    if idx.view(np.uint64).max() < n:  # the common case, one reduction: negatives wrap to huge
+        return idx
+    bad = (idx < -n) | (idx >= n)
+    if bad.any():
+        raise IndexError(f"{path}: index {int(idx[bad][0])} is out of range for {n} samples")
+    return np.where(idx < 0, idx + n, idx)
+
+
+###################################################################################################
+# Writers: one at a time per store; new stores built aside and swapped in
+###################################################################################################
 class _Lock:
     """flock on a store's directory: one writer at a time, across processes and objects. The
     directory stays open between uses (a writer appends many times); close() lets it go. A
@@ -548,10 +638,6 @@ class _Lock:
                 os.close(self.fd)
         self.fd = None
 
-
-###################################################################################################
-# Creating a store: built aside, swapped in when complete
-###################################################################################################
 
 @contextlib.contextmanager
 def _creating(out_dir, durable=False):
@@ -674,14 +760,6 @@ def _fsync_tree(root, recurse=True):
                 os.close(fd)
 
 
-def _check_directory(path):
-    """A store is a directory: a missing one is an empty store, a file is refused."""
-    if os.path.lexists(path) and not os.path.isdir(path):
-        hint = " (a .npy file: np.load it, or convert it with python -m mmap_ninja from-npy)" \
-            if str(path).endswith(".npy") else ""
-        raise NotADirectoryError(f"{path} is a file, not a mmap_ninja store directory{hint}")
-
-
 def _is_store(path, kind):
     """Whether the directory at path holds a store (of a sequence kind). Without type.ninja
     it holds none yet: a store being created, or the parts a creation killed before its end
@@ -712,11 +790,9 @@ def _clear_unfinished(store_dir):
                 os.unlink(path)
 
 
-
 ###################################################################################################
 # Progress: tqdm when installed, otherwise a small text bar on stderr
 ###################################################################################################
-
 def _progress(iterable, total=None, desc="", verbose=False):
     if not verbose:
         return iterable
@@ -770,7 +846,6 @@ class _TextBar:
 ###################################################################################################
 # Cold reads: data that is not in the page cache
 ###################################################################################################
-
 # A page fault on a mapping reads a whole read-around window (8 MB on this project's VM)
 # synchronously: right for scans, ruinous for random samples (16 to 950 times the bytes asked;
 # with MADV_RANDOM, one synchronous 4 KB read per page instead). Asking the kernel for a
@@ -781,7 +856,9 @@ class _TextBar:
 # rather than wait for the disk (and starts that read). Where madvise or the probe is missing,
 # reads are plain; store.cold = True asks anyway.
 _ADVISE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_WILLNEED")
+
 _PROBE = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
+
 _CHUNK = 128 << 10  # WILLNEED reads at most max(read-ahead, largest request) per call: 128 KB is safe
 
 
@@ -964,103 +1041,8 @@ def _resident(fd, offset):
 
 
 ###################################################################################################
-# base: Wrapped and indexing helpers
+# base: Wrapped
 ###################################################################################################
-
-def _copy(sample):
-    return np.array(sample, copy=True) if isinstance(sample, np.ndarray) else sample
-
-
-def _is_int(item):
-    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
-
-
-def _indices(item, n, path):
-    """A slice, list/array of ints or boolean mask as an int64 array of non-negative indices."""
-    if isinstance(item, slice):
-        return np.arange(*item.indices(n), dtype=np.int64)
-    idx = np.asarray(item)
-    if idx.dtype == bool:
-        if idx.shape != (n,):
-            raise IndexError(f"{path}: boolean mask of shape {idx.shape} does not match the "
-                             f"store's {n} samples")
-        return np.flatnonzero(idx)
-    if idx.size == 0:
-        return np.zeros(0, np.int64)
-    if idx.dtype.kind not in "iu" or idx.ndim != 1:
-        raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
-                        f"boolean mask, got {_short(item)}")
-    idx = idx.astype(np.int64, copy=False)
-    if idx.view(np.uint64).max() < n:  # the common case, one reduction: negatives wrap to huge
-        return idx
-    bad = (idx < -n) | (idx >= n)
-    if bad.any():
-        raise IndexError(f"{path}: index {int(idx[bad][0])} is out of range for {n} samples")
-    return np.where(idx < 0, idx + n, idx)
-
-
-def _axis_bounds(shapes, previous=None):
-    """(least, greatest) length of each axis of shapes (an (n, ndim) array), merged with a
-    previous pair."""
-    lo, hi = shapes.min(axis=0, initial=np.iinfo(np.int64).max), shapes.max(axis=0, initial=-1)
-    return (lo, hi) if previous is None else (np.minimum(lo, previous[0]), np.maximum(hi, previous[1]))
-
-
-class _Windows(dict):
-    """Strided views of a ragged store's data, one per trailing shape t = (a1, ..., ak) of its
-    samples, made on first use: window[o, q] is the t-shaped block that starts at element
-    q*row + o, where row = a1*...*ak. A sample of shape (a0, *t) that starts at element s is
-    then one indexing step, window[s % row, s // row : s // row + a0], where slicing and
-    reshaping take two (each view costs numpy ~130 ns). Keys pack t into one int."""
-
-    def __init__(self, data, columns, lo, hi):
-        super().__init__()
-        self.data, self.columns = data, columns  # the store's shapes, axis by axis
-        # no sample reaches further than its start plus this past the end of its window's row
-        self.reach = math.prod(hi.tolist()) + math.prod(hi[1:].tolist())
-        self.axes = len(columns) - 1
-        self.bits = 62 // self.axes  # per axis of t in a key
-        lo, hi = lo[1:].tolist(), hi[1:].tolist()  # each trailing axis's least and greatest length
-        # no window for a zero-size row, nor for axes too long to pack into a key
-        self.usable = data.itemsize > 0 and min(lo) > 0 and max(hi) < 1 << self.bits
-        self.row = math.prod(hi) if lo == hi else None  # when every sample has this t
-        self.code = sum(a << (self.bits * j) for j, a in enumerate(hi))
-
-    def __missing__(self, code):
-        mask = (1 << self.bits) - 1
-        trailing = tuple((code >> (self.bits * j)) & mask for j in range(self.axes))
-        row, size = math.prod(trailing), self.data.itemsize
-        # q + a0 <= count keeps every view inside the data (checked by the caller)
-        count = max((len(self.data) - row + 1) // row, 0)
-        inner = tuple(size * math.prod(trailing[j + 1:]) for j in range(self.axes))
-        window = np.lib.stride_tricks.as_strided(self.data, (row, count) + trailing, (size, row * size) + inner)
-        self[code] = window
-        return window
-
-
-# get_padded gathers images through tables of byte masks only while a table stays this small
-_PAD_MASKS_MAX = 1 << 20
-
-
-@functools.lru_cache(maxsize=4)
-def _pad_plan(rows, cols, c, size):
-    """What get_padded needs for blocks of rows x cols x c elements of `size` bytes, made once:
-    steps[w], the element offsets w*c*r of rows r = 0..rows-1 of a sample w wide, and
-    masks[h, w], a void item of one block's bytes that is 0xFF where a sample (h, w, c) has
-    elements and 0 elsewhere. The masks view one table holding, for each w, `rows` copies of
-    its row then `rows` zero rows, so that every h is a contiguous span (read with stride -line)."""
-    line = cols * c * size  # bytes per row of a block
-    table = np.zeros((cols + 1, 2 * rows, line), np.uint8)
-    table[:, :rows] = np.arange(line) < (np.arange(cols + 1) * c * size)[:, None, None]
-    table *= 255
-    span = rows * line
-    h0w0 = table.reshape(-1)[span:2 * span].view(("V", span))  # all zeros: h = 0, w = 0
-    masks = np.lib.stride_tricks.as_strided(h0w0, (rows + 1, cols + 1), (-line, 2 * span), writeable=False)
-    steps = np.multiply.outer(np.arange(cols + 1, dtype=np.int64) * c, np.arange(rows, dtype=np.int64))
-    steps.flags.writeable = False
-    return masks, steps
-
-
 class Wrapped:
     """Apply ``wrapper_fn`` lazily to each sample of ``data`` on ``__getitem__``.
 
@@ -1096,7 +1078,6 @@ class Wrapped:
 ###################################################################################################
 # numpy: a np.memmap per store
 ###################################################################################################
-
 class _NinjaMemmap(np.memmap):
     """The np.memmap the numpy API returns. The array itself pickles as its directory (a few
     hundred bytes, reopened on load); its slices and views pickle as ordinary arrays."""
@@ -1301,9 +1282,8 @@ class _NumpyWriter:
 
 
 ###################################################################################################
-# ragged: RaggedMmap, a sequence of arrays of different shapes
+# Sequence stores (ragged and strings): the writer and the snapshot reader
 ###################################################################################################
-
 class _Column:
     """The writer's side of one numpy store inside a ragged or strings store (data, starts,
     ends, ...): its data and shape.ninja descriptors stay open between appends."""
@@ -1546,15 +1526,6 @@ class _RaggedWriter:
         self.lock.close()
 
 
-def _entry(store_dir, i):
-    """Entry i of the int64 index store in store_dir, read on its own."""
-    fd = _open_fd(os.path.join(store_dir, "data.ninja"), "index")
-    try:
-        return struct.unpack("<q", _pread(fd, 8, 8 * i))[0]
-    finally:
-        os.close(fd)
-
-
 def _offsets_problem(starts, ends, lo, hi, size):
     """The first of samples lo..hi-1 (or a neighbour) whose offsets do not follow the previous
     sample's or do not fit inside size (starts, ends: int64 views), else None."""
@@ -1565,23 +1536,6 @@ def _offsets_problem(starts, ends, lo, hi, size):
     if a == 0:
         bad[0] |= first[0] < 0
     return a + int(bad.argmax()) if bad.any() else None
-
-
-def _check_index(store_dir, n, tail=()):
-    """An index store (starts, ends, flattened_shapes, flat shapes: int64 of shape (m, *tail))
-    must record at least the n entries its store commits."""
-    dtype, shape, _ = _read_meta(store_dir)
-    if dtype != np.dtype("<i8") or shape[1:] != tail or shape[:1] < (n,):
-        raise ValueError(f"{store_dir} is {dtype} of shape {shape}, not int64 of shape (at least "
-                         f"{n}{', ' if tail else ','}{', '.join(map(str, tail))}): the store is damaged")
-
-
-def _check_size(path, need, what):
-    size = os.stat(path).st_size
-    if size < need:
-        raise ValueError(f"{path} holds {size} bytes but the store's metadata commits {need}: "
-                         f"the {what} file was truncated or damaged; appends are refused (restore "
-                         f"it from a copy or re-create the store)")
 
 
 def _write_new_ragged(store_dir, arrays, durable=False):
@@ -1611,18 +1565,6 @@ def _convert_shapes_to_nested(store_dir, n, durable=False):
     os.rename(new, old)
     _write_atomic(join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0), durable)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _read_int64(path, n):
-    _check_size(path, 8 * n, "index")
-    fd = _open_fd(path, "index")
-    try:
-        raw = _pread(fd, 8 * n, 0)
-    finally:
-        os.close(fd)
-    if len(raw) != 8 * n:
-        raise ValueError(f"{path} holds fewer than the {n} entries its store needs: damaged")
-    return np.frombuffer(raw, "<i8").tolist()
 
 
 def _repair_shapes(store_dir):
@@ -2017,6 +1959,72 @@ class _Sequence:
         return mm
 
 
+def _batched(iterable, batch_size):
+    iterator = iter(iterable)
+    while True:
+        batch = list(itertools.islice(iterator, batch_size))
+        if not batch:
+            return
+        yield batch
+
+
+def _length(indexable):
+    """len(indexable), or None when it has none (an object whose __len__ raises TypeError too)."""
+    try:
+        return len(indexable)
+    except TypeError:
+        return None
+
+
+def _indexable_batches(indexable, batch_size, n_jobs, path):
+    """Batches of indexable[i] in order: up to len(indexable), else until the first IndexError
+    or KeyError; with n_jobs > 1 a thread pool fetches each batch (memory: one batch)."""
+    fetch = indexable.__getitem__ if hasattr(indexable, "__getitem__") else indexable
+    total = _length(indexable)
+    pool = ThreadPoolExecutor(n_jobs) if n_jobs and n_jobs > 1 else None
+    try:
+        start = 0
+        while total is None or start < total:
+            stop = start + batch_size if total is None else min(start + batch_size, total)
+            results = pool.map(fetch, range(start, stop)) if pool else map(fetch, range(start, stop))
+            batch = []
+            try:
+                for sample in results:  # in index order, even with threads
+                    batch.append(sample)
+            except (IndexError, KeyError) as e:
+                if total is not None:  # the source's own bug: not the end of the data
+                    raise type(e)(f"{path}: reading item {start + len(batch)} of an indexable "
+                                  f"whose len() is {total} raised {type(e).__name__}: "
+                                  f"{e}") from e
+                if batch:
+                    yield batch
+                return
+            yield batch
+            start = stop
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+_KEYS = {"starts_key": "starts", "ends_key": "ends", "shapes_key": "shapes",
+         "flattened_shapes_key": "flattened_shapes"}
+
+
+def _check_keys(keys, where, allowed=_KEYS):
+    """The published package's *_key arguments name a store's subdirectories. Only the
+    standard names exist in the format, so they are accepted and any other is refused; any
+    other keyword is a typo, refused naming the public function."""
+    for key, value in keys.items():
+        if key not in allowed:
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
+        if value != allowed[key]:
+            raise ValueError(f"{where}: {key}={value!r} is not supported: stores use the "
+                             f"format's standard names only ({key}={allowed[key]!r})")
+
+
+###################################################################################################
+# ragged: RaggedMmap, a sequence of arrays of different shapes
+###################################################################################################
 class RaggedMmap(_Sequence):
     """A sequence of numpy arrays of different shapes (one dtype), memory-mapped from ``out_dir``.
 
@@ -2591,73 +2599,74 @@ class RaggedMmap(_Sequence):
         return f"RaggedMmap({self.out_dir!r}, {len(self)} samples, dtype={self._dtype})"
 
 
-def _batched(iterable, batch_size):
-    iterator = iter(iterable)
-    while True:
-        batch = list(itertools.islice(iterator, batch_size))
-        if not batch:
-            return
-        yield batch
+def _axis_bounds(shapes, previous=None):
+    """(least, greatest) length of each axis of shapes (an (n, ndim) array), merged with a
+    previous pair."""
+    lo, hi = shapes.min(axis=0, initial=np.iinfo(np.int64).max), shapes.max(axis=0, initial=-1)
+    return (lo, hi) if previous is None else (np.minimum(lo, previous[0]), np.maximum(hi, previous[1]))
 
 
-def _length(indexable):
-    """len(indexable), or None when it has none (an object whose __len__ raises TypeError too)."""
-    try:
-        return len(indexable)
-    except TypeError:
-        return None
+###################################################################################################
+# ragged: batch reads
+###################################################################################################
+class _Windows(dict):
+    """Strided views of a ragged store's data, one per trailing shape t = (a1, ..., ak) of its
+    samples, made on first use: window[o, q] is the t-shaped block that starts at element
+    q*row + o, where row = a1*...*ak. A sample of shape (a0, *t) that starts at element s is
+    then one indexing step, window[s % row, s // row : s // row + a0], where slicing and
+    reshaping take two (each view costs numpy ~130 ns). Keys pack t into one int."""
+
+    def __init__(self, data, columns, lo, hi):
+        super().__init__()
+        self.data, self.columns = data, columns  # the store's shapes, axis by axis
+        # no sample reaches further than its start plus this past the end of its window's row
+        self.reach = math.prod(hi.tolist()) + math.prod(hi[1:].tolist())
+        self.axes = len(columns) - 1
+        self.bits = 62 // self.axes  # per axis of t in a key
+        lo, hi = lo[1:].tolist(), hi[1:].tolist()  # each trailing axis's least and greatest length
+        # no window for a zero-size row, nor for axes too long to pack into a key
+        self.usable = data.itemsize > 0 and min(lo) > 0 and max(hi) < 1 << self.bits
+        self.row = math.prod(hi) if lo == hi else None  # when every sample has this t
+        self.code = sum(a << (self.bits * j) for j, a in enumerate(hi))
+
+    def __missing__(self, code):
+        mask = (1 << self.bits) - 1
+        trailing = tuple((code >> (self.bits * j)) & mask for j in range(self.axes))
+        row, size = math.prod(trailing), self.data.itemsize
+        # q + a0 <= count keeps every view inside the data (checked by the caller)
+        count = max((len(self.data) - row + 1) // row, 0)
+        inner = tuple(size * math.prod(trailing[j + 1:]) for j in range(self.axes))
+        window = np.lib.stride_tricks.as_strided(self.data, (row, count) + trailing, (size, row * size) + inner)
+        self[code] = window
+        return window
 
 
-def _indexable_batches(indexable, batch_size, n_jobs, path):
-    """Batches of indexable[i] in order: up to len(indexable), else until the first IndexError
-    or KeyError; with n_jobs > 1 a thread pool fetches each batch (memory: one batch)."""
-    fetch = indexable.__getitem__ if hasattr(indexable, "__getitem__") else indexable
-    total = _length(indexable)
-    pool = ThreadPoolExecutor(n_jobs) if n_jobs and n_jobs > 1 else None
-    try:
-        start = 0
-        while total is None or start < total:
-            stop = start + batch_size if total is None else min(start + batch_size, total)
-            results = pool.map(fetch, range(start, stop)) if pool else map(fetch, range(start, stop))
-            batch = []
-            try:
-                for sample in results:  # in index order, even with threads
-                    batch.append(sample)
-            except (IndexError, KeyError) as e:
-                if total is not None:  # the source's own bug: not the end of the data
-                    raise type(e)(f"{path}: reading item {start + len(batch)} of an indexable "
-                                  f"whose len() is {total} raised {type(e).__name__}: "
-                                  f"{e}") from e
-                if batch:
-                    yield batch
-                return
-            yield batch
-            start = stop
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+# get_padded gathers images through tables of byte masks only while a table stays this small
+_PAD_MASKS_MAX = 1 << 20
 
 
-_KEYS = {"starts_key": "starts", "ends_key": "ends", "shapes_key": "shapes",
-         "flattened_shapes_key": "flattened_shapes"}
-
-
-def _check_keys(keys, where, allowed=_KEYS):
-    """The published package's *_key arguments name a store's subdirectories. Only the
-    standard names exist in the format, so they are accepted and any other is refused; any
-    other keyword is a typo, refused naming the public function."""
-    for key, value in keys.items():
-        if key not in allowed:
-            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
-        if value != allowed[key]:
-            raise ValueError(f"{where}: {key}={value!r} is not supported: stores use the "
-                             f"format's standard names only ({key}={allowed[key]!r})")
+@functools.lru_cache(maxsize=4)
+def _pad_plan(rows, cols, c, size):
+    """What get_padded needs for blocks of rows x cols x c elements of `size` bytes, made once:
+    steps[w], the element offsets w*c*r of rows r = 0..rows-1 of a sample w wide, and
+    masks[h, w], a void item of one block's bytes that is 0xFF where a sample (h, w, c) has
+    elements and 0 elsewhere. The masks view one table holding, for each w, `rows` copies of
+    its row then `rows` zero rows, so that every h is a contiguous span (read with stride -line)."""
+    line = cols * c * size  # bytes per row of a block
+    table = np.zeros((cols + 1, 2 * rows, line), np.uint8)
+    table[:, :rows] = np.arange(line) < (np.arange(cols + 1) * c * size)[:, None, None]
+    table *= 255
+    span = rows * line
+    h0w0 = table.reshape(-1)[span:2 * span].view(("V", span))  # all zeros: h = 0, w = 0
+    masks = np.lib.stride_tricks.as_strided(h0w0, (rows + 1, cols + 1), (-line, 2 * span), writeable=False)
+    steps = np.multiply.outer(np.arange(cols + 1, dtype=np.int64) * c, np.arange(rows, dtype=np.int64))
+    steps.flags.writeable = False
+    return masks, steps
 
 
 ###################################################################################################
 # string: StringsMmap, a sequence of str
 ###################################################################################################
-
 def _zstd_module():
     """(codec, train) from the standard library's compression.zstd (3.14+) or the zstandard
     package, else None. codec(level, dictionary) gives one store's (compress, decompress);
@@ -2945,9 +2954,8 @@ class StringsMmap(_Sequence):
 
 
 ###################################################################################################
-# generic: open_existing, ShardedMmap
+# generic: open_existing, ShardedMmap, conversion on any executor
 ###################################################################################################
-
 def open_existing(out_dir, wrapper_fn=None, mode=None):
     """Open the store in ``out_dir``, whichever kind its type.ninja says it is. ``mode``: "r"
     (or "rb") read-only, "r+" (or "r+b") writable, "c" copy-on-write; by default numpy and
@@ -3177,7 +3185,6 @@ def _shard_dirs(parent):
 ###################################################################################################
 # Training loops: epochs over data bigger than RAM
 ###################################################################################################
-
 class QuasiRandomSampler:
     """Batches of indices for epochs over a store bigger than RAM, read at near-sequential speed.
 
@@ -3299,7 +3306,6 @@ def _block_starts(store, block_bytes):
 ###################################################################################################
 # Command line: python -m mmap_ninja info|verify|from-npy|from-lines
 ###################################################################################################
-
 def _store_report(path):
     """(kind, lines of a human-readable summary) for the info command."""
     _check_directory(path)
@@ -3505,9 +3511,8 @@ def main(argv=None):
 
 
 ###################################################################################################
-# Import shims: the published package's submodules, served from this one file
+# Import shims: the published package's submodules and helpers, served from this one file
 ###################################################################################################
-
 # The published package's own helpers, kept for its tests and for code that calls them. They
 # read and write whole files, as there; this module's stores do not use them.
 
