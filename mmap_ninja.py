@@ -226,7 +226,7 @@ def _read_text(path, what, limit=_META_MAX):
         raise ValueError(f"{what} {path} is not ASCII text: {raw[:40]!r}") from None
 
 
-def _write_fd(fd, data, offset=None):
+def _write_bytes(fd, data, offset=None):
     """Write all of data (at offset, else at the current position): a write may be short
     (Linux writes at most 0x7ffff000 bytes per call), so loop until every byte is down."""
     view = memoryview(data).cast("B")
@@ -242,19 +242,19 @@ def _write_fd(fd, data, offset=None):
         view = view[written:]
 
 
-def _write_new(path, data, durable=False):
+def _create_file(path, data, durable=False):
     """Create a small file of a store being created (never over an existing file or link): no
     rename needed, because the store's type.ninja, written last, makes the directory a store."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _BINARY, 0o666)
     try:
-        _write_fd(fd, data)
+        _write_bytes(fd, data)
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_atomic(path, data, durable=False):
+def _replace_file(path, data, durable=False):
     """Replace a small file so that readers see the old content or the new, never a mix. The
     temporary file has an unpredictable name and is created exclusively: nothing planted at a
     guessable name can redirect the write."""
@@ -262,7 +262,7 @@ def _write_atomic(path, data, durable=False):
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _BINARY, 0o666)
     try:
         try:
-            _write_fd(fd, data)
+            _write_bytes(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
@@ -348,15 +348,15 @@ def _write_meta(store_dir, dtype, shape, order="C", kind="numpy", durable=False,
     (unless not typed: the caller writes it), so its presence means 'complete'."""
     os.makedirs(store_dir, exist_ok=True)
     join = os.path.join
-    _write_new(join(store_dir, "dtype.ninja"), _dtype_to_text(dtype, store_dir).encode(), durable)
-    _write_new(join(store_dir, "shape.ninja"), b"".join(_U64.pack(int(a)) for a in shape), durable)
-    _write_new(join(store_dir, "order.ninja"), order.encode(), durable)
+    _create_file(join(store_dir, "dtype.ninja"), _dtype_to_text(dtype, store_dir).encode(), durable)
+    _create_file(join(store_dir, "shape.ninja"), b"".join(_U64.pack(int(a)) for a in shape), durable)
+    _create_file(join(store_dir, "order.ninja"), order.encode(), durable)
     # An empty store's data file holds one byte, not zero, as the published writer leaves it:
     # its readers cannot map an empty file. Ours read only what the metadata commits, and the
     # first append overwrites the byte.
-    _write_new(join(store_dir, "data.ninja"), data, durable)
+    _create_file(join(store_dir, "data.ninja"), data, durable)
     if typed:
-        _write_new(join(store_dir, "type.ninja"), kind.encode(), durable)
+        _create_file(join(store_dir, "type.ninja"), kind.encode(), durable)
 
 
 def _check_index(store_dir, n, tail=()):
@@ -437,7 +437,7 @@ def _buffer(chunk):
     return chunk
 
 
-def _write_all(fd, offset, chunks):
+def _write_at(fd, offset, chunks):
     """Write chunks (bytes-like) at offset; torn bytes a killed writer left past it are dropped.
     Returns the offset after the last byte written. (Writing nothing changes nothing: an
     empty store's data file keeps the byte the published readers need to map it.)"""
@@ -447,10 +447,10 @@ def _write_all(fd, offset, chunks):
     if os.lseek(fd, 0, os.SEEK_END) > offset:  # the size, cheaper than fstat between writes
         os.ftruncate(fd, offset)
     os.lseek(fd, offset, os.SEEK_SET)
-    return offset + _write_here(fd, buffers)
+    return offset + _write_chunks(fd, buffers)
 
 
-def _write_here(fd, chunks):
+def _write_chunks(fd, chunks):
     """Write chunks at the descriptor's current position; returns the byte count."""
     buffers = [_buffer(c) for c in chunks]
     sizes = [b.nbytes if isinstance(b, np.ndarray) else len(b) for b in buffers]
@@ -479,7 +479,7 @@ def _pread(fd, size, offset):
 
 def _set_length(fd, n):
     """Commit a store's first-axis length: one 8-byte in-place write no killed process can tear."""
-    _write_fd(fd, _U64.pack(n), 0)
+    _write_bytes(fd, _U64.pack(n), 0)
 
 
 @contextlib.contextmanager
@@ -559,6 +559,12 @@ def _cast(arr, dtype, path):
     return out
 
 
+def _scalar(length, recorded):
+    """Whether a flat ragged sample of `length` elements whose recorded shape is (recorded,)
+    is a scalar: the format records one as length 0 holding one element. Elementwise for arrays."""
+    return (length == 1) & (recorded == 0)
+
+
 def _copy(sample):
     return np.array(sample, copy=True) if isinstance(sample, np.ndarray) else sample
 
@@ -567,7 +573,7 @@ def _is_int(item):
     return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
 
 
-def _indices(item, n, path):
+def _as_indices(item, n, path):
     """A slice, list/array of ints or boolean mask as an int64 array of non-negative indices."""
     if isinstance(item, slice):
         return np.arange(*item.indices(n), dtype=np.int64)
@@ -707,7 +713,7 @@ def _alive(pid):
 
 def _swap_in(build, target, inside):
     """Put the complete store in build at target. The old store is deleted before its writer
-    lock is released, so a writer waiting on it then finds it gone (see _RaggedWriter.stale)."""
+    lock is released, so a writer waiting on it then finds it gone (see _SequenceWriter.stale)."""
     if not os.path.isdir(target):
         try:
             return os.rename(build, target)
@@ -1062,7 +1068,7 @@ class Wrapped:
     def __getitem__(self, item):
         if _is_int(item):
             return self._wrap(self.data[item])
-        return [self._wrap(self.data[int(i)]) for i in _indices(item, len(self.data), "Wrapped")]
+        return [self._wrap(self.data[int(i)]) for i in _as_indices(item, len(self.data), "Wrapped")]
 
     def __len__(self):
         return len(self.data)
@@ -1272,7 +1278,7 @@ class _NumpyWriter:
         """chunks: C-order arrays (or, for a Fortran store's creation, flat bytes) of `rows` rows;
         many small ones are joined into one buffer first (_pack)."""
         with _naming(self.out_dir):
-            _write_all(self.fd, self.rows * self.rowbytes, _pack(chunks, rows * self.rowbytes))
+            _write_at(self.fd, self.rows * self.rowbytes, _pack(chunks, rows * self.rowbytes))
             if self.durable:
                 os.fsync(self.fd)
             self.rows += rows
@@ -1284,7 +1290,7 @@ class _NumpyWriter:
 ###################################################################################################
 # Sequence stores (ragged and strings): the writer and the snapshot reader
 ###################################################################################################
-class _Column:
+class _PartWriter:
     """The writer's side of one numpy store inside a ragged or strings store (data, starts,
     ends, ...): its data and shape.ninja descriptors stay open between appends."""
 
@@ -1303,10 +1309,10 @@ class _Column:
         offset = offset_items * self.itemsize
         if self.fd is None:
             self.fd = _open_fd(self.data_path, "data", True, self.root)
-        if self.pos == offset:  # we wrote up to here and nobody has since (see _RaggedWriter.sync)
-            self.pos = offset + _write_here(self.fd, chunks)
+        if self.pos == offset:  # we wrote up to here and nobody has since (see _SequenceWriter.sync)
+            self.pos = offset + _write_chunks(self.fd, chunks)
         else:  # checks the size and drops a dead writer's torn bytes
-            self.pos = _write_all(self.fd, offset, chunks)
+            self.pos = _write_at(self.fd, offset, chunks)
         if durable:
             os.fsync(self.fd)
         self.new_length = offset_items + total_items
@@ -1344,7 +1350,7 @@ def _shapes_dir(store_dir):
     return path
 
 
-def _create_ragged(store_dir, dtype, nested, raw=False, zstd=None, durable=False, part=False):
+def _create_sequence(store_dir, dtype, nested, raw=False, zstd=None, durable=False, part=False):
     """Metadata of an empty ragged (or strings, raw=True) store, in a directory without one;
     type.ninja is written last (atomically, unless the store is part of one being created)."""
     os.makedirs(store_dir, exist_ok=True)
@@ -1355,23 +1361,23 @@ def _create_ragged(store_dir, dtype, nested, raw=False, zstd=None, durable=False
         if zstd is not None:
             level, dictionary = zstd
             if dictionary is not None:
-                _write_new(join(store_dir, "zstd_dict.ninja"), dictionary, durable)
-            _write_new(join(store_dir, "zstd_level.ninja"), str(level).encode(), durable)
-        _write_new(join(store_dir, "data.ninja"), b"\0", durable)  # (one byte: see _write_meta)
+                _create_file(join(store_dir, "zstd_dict.ninja"), dictionary, durable)
+            _create_file(join(store_dir, "zstd_level.ninja"), str(level).encode(), durable)
+        _create_file(join(store_dir, "data.ninja"), b"\0", durable)  # (one byte: see _write_meta)
         kind = b"string"
     else:
         shapes = join(store_dir, "shapes")
         if nested:
-            _create_ragged(shapes, np.int64, nested=False, durable=durable, part=True)
+            _create_sequence(shapes, np.int64, nested=False, durable=durable, part=True)
         else:
             _write_meta(shapes, np.int64, (0, 1), durable=durable)
-        _write_new(join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0 if nested else 1), durable)
+        _create_file(join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0 if nested else 1), durable)
         _write_meta(store_dir, dtype, (0,), kind="ragged", durable=durable, typed=False)
         kind = b"ragged"
-    (_write_new if part else _write_atomic)(join(store_dir, "type.ninja"), kind, durable)
+    (_create_file if part else _replace_file)(join(store_dir, "type.ninja"), kind, durable)
 
 
-class _RaggedWriter:
+class _SequenceWriter:
     """Appends samples to a ragged store (or the raw bytes of a strings store) in place.
 
     Everything is written past the committed end first; then the lengths are committed in the
@@ -1424,7 +1430,7 @@ class _RaggedWriter:
                 self.dtype = _read_meta(d)[0]
                 self.shapes_ino = os.stat(shapes_dir).st_ino
                 if os.path.isdir(os.path.join(shapes_dir, "starts")):
-                    self.nested = _RaggedWriter(shapes_dir, self.durable, root=self.root)
+                    self.nested = _SequenceWriter(shapes_dir, self.durable, root=self.root)
                     self.nested.sync(n)
             else:
                 self.compress = (_zstd_codec(d) or (None,))[0]
@@ -1459,14 +1465,14 @@ class _RaggedWriter:
         _check_size(join(d, "data.ninja"), end * itemsize, "data")
         return end
 
-    def _col(self, name):
+    def _part(self, name):
         column = self.columns.get(name)
         if column is None:
             if name == "data":
                 itemsize = 1 if self.raw else self.dtype.itemsize
-                column = _Column(self.store_dir, self.root, itemsize, raw=self.raw)
+                column = _PartWriter(self.store_dir, self.root, itemsize, raw=self.raw)
             else:
-                column = _Column(os.path.join(self.store_dir, name), self.root)
+                column = _PartWriter(os.path.join(self.store_dir, name), self.root)
             self.columns[name] = column
         return column
 
@@ -1492,7 +1498,7 @@ class _RaggedWriter:
         offsets[0] = start
         np.cumsum(sizes, out=offsets[1:])
         offsets[1:] += start
-        data = self._col("data")
+        data = self._part("data")
         payload = _pack(payload, int(offsets[-1] - start) * data.itemsize)
         data.write(start, payload, int(offsets[-1] - start), self.durable)
         data.commit(self.durable)
@@ -1500,15 +1506,15 @@ class _RaggedWriter:
             if self.nested is not None:
                 self.nested.append([flat_shapes], dims, dims)
             else:
-                self._column("shapes", n, lengths)
-            self._column("flattened_shapes", n, sizes)
-        self._column("ends", n, offsets[1:])
-        self._column("starts", n, offsets[:-1])  # the commit point
+                self._write_index("shapes", n, lengths)
+            self._write_index("flattened_shapes", n, sizes)
+        self._write_index("ends", n, offsets[1:])
+        self._write_index("starts", n, offsets[:-1])  # the commit point
         self.n, self.end = n + len(sizes), int(offsets[-1])
         return self.n
 
-    def _column(self, name, n, values):
-        column = self._col(name)
+    def _write_index(self, name, n, values):
+        column = self._part(name)
         column.write(n, [values.astype("<i8")], len(values), self.durable)
         column.commit(self.durable)
 
@@ -1538,9 +1544,9 @@ def _offsets_problem(starts, ends, lo, hi, size):
     return a + int(bad.argmax()) if bad.any() else None
 
 
-def _write_new_ragged(store_dir, arrays, durable=False):
+def _fill_ragged(store_dir, arrays, durable=False):
     """Fill a just-created empty ragged store with arrays."""
-    writer = _RaggedWriter(store_dir, durable)
+    writer = _SequenceWriter(store_dir, durable)
     try:
         writer.sync()
         writer.append(arrays, [a.size for a in arrays], [a.shape for a in arrays])
@@ -1558,12 +1564,12 @@ def _convert_shapes_to_nested(store_dir, n, durable=False):
     shutil.rmtree(trash, ignore_errors=True)
     lengths = _read_int64(join(old, "data.ninja"), n)
     sizes = _read_int64(join(store_dir, "flattened_shapes", "data.ninja"), n)
-    shapes = [() if (length == 0 and size == 1) else (int(length),) for length, size in zip(lengths, sizes)]
-    _create_ragged(new, np.int64, nested=False, durable=durable)
-    _write_new_ragged(new, [np.asarray(s, np.int64) for s in shapes], durable)
+    shapes = [() if _scalar(size, length) else (int(length),) for length, size in zip(lengths, sizes)]
+    _create_sequence(new, np.int64, nested=False, durable=durable)
+    _fill_ragged(new, [np.asarray(s, np.int64) for s in shapes], durable)
     os.rename(old, trash)
     os.rename(new, old)
-    _write_atomic(join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0), durable)
+    _replace_file(join(store_dir, "shapes_are_flat.ninja"), _I32.pack(0), durable)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -1578,7 +1584,7 @@ def _repair_shapes(store_dir):
     nested = os.path.isdir(join(shapes, "starts"))
     flag_path = join(store_dir, "shapes_are_flat.ninja")
     if os.path.exists(flag_path) and _read_bytes(flag_path, "flatness flag", 64) != _I32.pack(0 if nested else 1):
-        _write_atomic(flag_path, _I32.pack(0 if nested else 1))
+        _replace_file(flag_path, _I32.pack(0 if nested else 1))
 
 
 class _Sequence:
@@ -1607,12 +1613,6 @@ class _Sequence:
         # one thread at a time maps, remaps or writes through this object (made anew in a
         # forked child, where a copy could be held by a thread that does not exist there)
         self._mutex, self._pid = threading.RLock(), os.getpid()
-        self._dtype = self._zstd = None
-        self._nested = False
-        # which samples of a nested store have been checked to have their shapes at regular
-        # positions (see RaggedMmap._shape_rows): (shape files' identity, ndim or -1, count,
-        # each axis's least and greatest length)
-        self._regular = (None, None, 0, None, None)
         self._release(keep_writer=True)
 
     def _unmap(self):
@@ -1620,7 +1620,7 @@ class _Sequence:
         self._mapped = 0
         self._loaded = False
         self._starts = self._ends = _int64_view(None, 0)
-        self._np_views = None
+        self._arrays = None
         self._checked, self._unchecked = [], 0  # which pages of offsets are checked (see _paged)
 
     def _release(self, keep_writer=False):
@@ -1631,14 +1631,15 @@ class _Sequence:
         self._unmap()
         self._io.close()
         self._io.data = self._io.mm = self._source = None
-        self._data = self._buf = self._shape_data = self._shape_starts = self._shape_ends = None
-        self._shape_ndims = None
-        self._flat_shapes = self._shapes_id = None
+        self._drop_arrays()  # (before closing the maps they view)
         for mm in maps:
             try:
                 mm.close()
             except BufferError:  # a sample the caller still holds views this map; GC closes it
                 pass
+
+    def _drop_arrays(self):
+        """Drop the subclass's arrays over the maps."""
 
     def close(self):
         """Release the maps and descriptors. Samples already returned stay valid until dropped."""
@@ -1659,14 +1660,14 @@ class _Sequence:
         self._map_all()
         with self._io.scan():  # (cold data: the kernel's read-ahead, see _ReadAhead.scan)
             for start in range(0, n, 256):  # batch reads: cheaper per sample than self[i]
-                yield from self._get_other(slice(start, min(start + 256, n)))
+                yield from self._read_many(slice(start, min(start + 256, n)))
 
     def prefetch(self, indices):
         """Start reading samples ``indices`` (an int, slice, list, array or mask) from disk and
         return at once, so that a loader can announce batch k+1 while it works on batch k.
         Pages already in the page cache are skipped; it never changes what is read. Batch reads
         ask for their own samples while the data is cold; see ``cold``."""
-        idx = _indices([indices] if _is_int(indices) else indices, self._n, self.out_dir)
+        idx = _as_indices([indices] if _is_int(indices) else indices, self._n, self.out_dir)
         with self._lock():
             self._map_all()
             if len(idx):
@@ -1695,7 +1696,7 @@ class _Sequence:
             starts = self._gather("_starts", idx)
             self._io.batch(starts, np.maximum(self._gather("_ends", idx), starts + reach))
 
-    def _get(self, i):
+    def _read_one(self, i):
         """Sample i (0 <= i < len): maps what this object appended since it last mapped, and
         checks the page of offsets it is in."""
         with self._lock():
@@ -1727,33 +1728,40 @@ class _Sequence:
         self._checked[page] = True if plain else None
         self._unchecked -= 1
 
+    def _all_checked(self, plain):
+        """Every page checked at once (RaggedMmap's regular layout checks all its samples):
+        True, or None when some sample is a scalar, left to the slow path."""
+        pages = len(self._checked) // 2
+        self._checked[:pages] = [True if plain else None] * pages
+        self._unchecked = 0
+
     def _check_pages(self, keys):
         """_check_page for the pages of samples keys (ints, negatives wrapping)."""
         if self._unchecked:  # (until every page has been read once)
             for page in np.unique(np.asarray(keys, np.int64) % self._mapped >> 9).tolist():
                 self._check_page(page)
 
-    def _get_other(self, item):
+    def _read_many(self, item):
         """Indexing other than by a Python int (the subclasses' hot path): a list of samples."""
         if _is_int(item):
             return self[int(item)]
         with self._lock():
-            return self._read_other(item)
+            return self._read_selection(item)
 
-    def _read_other(self, item):
+    def _read_selection(self, item):
         self._map_all()
         if type(item) is list and item and len(item) != self._n and type(item[0]) is not bool:
             try:  # the lookups themselves check each key's type and range (negatives wrap)
-                columns = self._lookup(item, "_starts", "_ends")
+                columns = self._entries(item, "_starts", "_ends")
             except (IndexError, TypeError):
-                columns = None  # _indices below says what is wrong
+                columns = None  # _as_indices below says what is wrong
             if columns is not None:
                 self._check_pages(item)
                 self._ask(item)
-                return self._build(item, columns)
-        return self._batch(_indices(item, self._n, self.out_dir))
+                return self._from_offsets(item, columns)
+        return self._read_batch(_as_indices(item, self._n, self.out_dir))
 
-    def _batch(self, idx):
+    def _read_batch(self, idx):
         """Samples idx (an int64 array of indices already checked against len(self))."""
         with self._lock():
             self._map_all()
@@ -1761,9 +1769,9 @@ class _Sequence:
                 return []
             self._check_pages(idx)
             self._ask(idx)
-            return self._build(idx, self._lookup(idx, "_starts", "_ends"))
+            return self._from_offsets(idx, self._entries(idx, "_starts", "_ends"))
 
-    def _lookup(self, keys, *names):
+    def _entries(self, keys, *names):
         """column[k] for k in keys, for each named int64 view: a numpy gather for an index
         array, else one itemgetter call (C) over the view."""
         if isinstance(keys, np.ndarray):
@@ -1810,9 +1818,9 @@ class _Sequence:
 
     def _gather(self, name, idx):
         """column[idx] for an int64 index view, as a numpy array (vectorized batch lookups)."""
-        if self._np_views is None:
-            self._np_views = {}
-        arrays = self._np_views
+        if self._arrays is None:
+            self._arrays = {}
+        arrays = self._arrays
         view = arrays.get(name)
         if view is None:
             view = arrays[name] = np.asarray(getattr(self, name))
@@ -1825,9 +1833,9 @@ class _Sequence:
             raise ValueError(f"{d} is open read-only (mode={self.mode!r}): open it with "
                              f"mode='r+' to replace samples in place")
         if _is_int(key):
-            keys, values = [self._norm_index(int(key))], [value]
+            keys, values = [self._position(int(key))], [value]
         else:
-            keys = _indices(key, self._n, d).tolist()
+            keys = _as_indices(key, self._n, d).tolist()
             values = list(value)
             if len(values) != len(keys):
                 raise ValueError(f"{d}: {len(values)} values for {len(keys)} samples")
@@ -1842,7 +1850,7 @@ class _Sequence:
             try:
                 with _naming(d):
                     for offset, chunk in writes:
-                        _write_fd(fd, chunk, offset)
+                        _write_bytes(fd, chunk, offset)
             finally:
                 os.close(fd)
 
@@ -1873,7 +1881,7 @@ class _Sequence:
             if writer is None:
                 _check_directory(d)
                 os.makedirs(d, exist_ok=True)
-                writer = self._writer = _RaggedWriter(d, self.durable, raw=self._kind == "string")
+                writer = self._writer = _SequenceWriter(d, self.durable, raw=self._kind == "string")
             while True:
                 writer.lock.__enter__()
                 if not writer.stale():
@@ -1885,7 +1893,7 @@ class _Sequence:
                 if not os.path.lexists(os.path.join(d, "type.ninja")) and not _is_store(d, self._kind):
                     _clear_unfinished(d)  # what a creation killed before its end left
                     _dtype_to_text(dtype, d)  # refuse a dtype before writing anything
-                    _create_ragged(d, dtype, nested, raw=writer.raw, durable=self.durable)
+                    _create_sequence(d, dtype, nested, raw=writer.raw, durable=self.durable)
                 writer.sync()
                 yield writer
             except BaseException:
@@ -1894,7 +1902,7 @@ class _Sequence:
             finally:
                 writer.lock.__exit__()
 
-    def _norm_index(self, i):
+    def _position(self, i):
         n = self._n
         if not -n <= i < n:
             raise IndexError(f"{self.out_dir}: index {i} is out of range for {n} samples")
@@ -1921,7 +1929,7 @@ class _Sequence:
         self._load(snapshot)  # the subclass maps its files
         self._loaded = True
 
-    def _map_index(self, snapshot):
+    def _map_offsets(self, snapshot):
         """Map starts/ends for the first `snapshot` samples (all committed ones when None);
         returns (count, end of the last sample), or None when the directory holds no store."""
         d, join = self.out_dir, os.path.join
@@ -1937,8 +1945,8 @@ class _Sequence:
         n = _count(d)
         if snapshot is not None:
             n = min(n, snapshot)
-        self._starts = self._index(join(d, "starts"), n)
-        self._ends = self._index(join(d, "ends"), n)
+        self._starts = self._map_column(join(d, "starts"), n)
+        self._ends = self._map_column(join(d, "ends"), n)
         self._paged(n)
         end = self._ends[n - 1] if n else 0
         if end < 0:
@@ -1946,7 +1954,7 @@ class _Sequence:
                              f"is damaged")
         return n, end
 
-    def _index(self, store_dir, n, tail=()):
+    def _map_column(self, store_dir, n, tail=()):
         """Map the first n entries of an int64 index store (starts, ends, shapes)."""
         _check_index(store_dir, n, tail)
         return _int64_view(self._map(os.path.join(store_dir, "data.ninja"), 8 * n, what="index"), n)
@@ -2053,10 +2061,23 @@ class RaggedMmap(_Sequence):
         self._init_state()
         self._reload(None)
 
+    def _init_state(self):
+        self._layout = _Layout()  # what batch reads know (see "ragged: batch reads")
+        self._dtype, self._nested = None, False
+        _Sequence._init_state(self)
+
+    def _unmap(self):
+        _Sequence._unmap(self)
+        self._layout.unmap()
+
+    def _drop_arrays(self):
+        self._data = self._shape_data = self._shape_starts = self._shape_ends = self._shape_ndims = None
+        self._flat_shapes = self._shapes_id = None
+
     def _load(self, snapshot):
         """Map the first `snapshot` samples (all committed ones when None); O(1) in the count."""
         d, join = self.out_dir, os.path.join
-        opened = self._map_index(snapshot)
+        opened = self._map_offsets(snapshot)
         if opened is None:
             self._dtype, self._data, self._nested = None, np.zeros(0), False
             self._flat_shapes = _int64_view(None, 0)
@@ -2081,13 +2102,13 @@ class RaggedMmap(_Sequence):
         if self._nested:
             starts_file = os.stat(join(shapes, "starts", "data.ninja"))
             self._shapes_id = (starts_file.st_dev, starts_file.st_ino)
-            self._shape_starts = self._index(join(shapes, "starts"), n)
-            self._shape_ends = self._index(join(shapes, "ends"), n)
-            self._shape_ndims = self._index(join(shapes, "shapes"), n, (1,))  # (the shapes' lengths)
+            self._shape_starts = self._map_column(join(shapes, "starts"), n)
+            self._shape_ends = self._map_column(join(shapes, "ends"), n)
+            self._shape_ndims = self._map_column(join(shapes, "shapes"), n, (1,))  # (the shapes' lengths)
             total = self._shape_ends[n - 1] if n else 0
-            self._shape_data = self._index(shapes, total)
+            self._shape_data = self._map_column(shapes, total)
         else:
-            self._flat_shapes = self._index(shapes, n, (1,))
+            self._flat_shapes = self._map_column(shapes, n, (1,))
         self._n = self._mapped = n
 
     def __getitem__(self, item):
@@ -2100,9 +2121,9 @@ class RaggedMmap(_Sequence):
                 raise IndexError
             sample = self._source[start:end]  # (the data, or while it is cold a _ReadAhead)
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
-            return self._get(self._norm_index(item))
+            return self._read_one(self._position(item))
         except TypeError:  # a slice, a list, a mask: start/end are not ints
-            return self._get_other(item)
+            return self._read_many(item)
         if self._nested:  # (pages holding a scalar sample take the slow path: see _sample)
             sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
         if self.wrapper_fn is None:
@@ -2118,7 +2139,7 @@ class RaggedMmap(_Sequence):
         if self._nested:
             shape = self._shape_data[self._shape_starts[i]:self._shape_ends[i]].tolist()
             sample = sample.reshape(shape) if shape else sample.reshape(()).item()
-        elif end - start == 1 and not self._flat_shapes[i]:
+        elif _scalar(end - start, self._flat_shapes[i]):
             sample = sample.item()
         if self.wrapper_fn is None:
             return sample
@@ -2133,7 +2154,7 @@ class RaggedMmap(_Sequence):
         sizes = np.asarray(self._ends[lo:hi]) - np.asarray(self._starts[lo:hi])
         if not self._nested:  # (a scalar is recorded as length 0 with one element)
             flat = np.asarray(self._flat_shapes[lo:hi])
-            scalars = (flat == 0) & (sizes == 1)
+            scalars = _scalar(sizes, flat)
             ok = (sizes == flat) | scalars
         else:
             bad = _offsets_problem(self._shape_starts, self._shape_ends, lo, hi, len(self._shape_data))
@@ -2149,170 +2170,67 @@ class RaggedMmap(_Sequence):
         return (None if ok.all() else lo + int(ok.argmin())), not scalars.any()
 
     def _damaged(self, item):
-        i = self._norm_index(int(item))
+        i = self._position(int(item))
         shape = self.shape_of(i)
         return ValueError(f"{self.out_dir}: sample {i} spans elements {self._starts[i]} to "
                           f"{self._ends[i]}, which does not fit its recorded shape {shape}: the "
                           f"store is damaged (python -m mmap_ninja verify {self.out_dir} lists "
                           f"what is wrong)")
 
-    def _read_other(self, item):
+    def _read_selection(self, item):
         if self.wrapper_fn is None:
             self._map_all()
-            if self._nested or type(item) is not list:  # (lists of ints: _Sequence's lookups, then _build)
-                return self._batch(_indices(item, self._n, self.out_dir))
-        return _Sequence._read_other(self, item)
+            if self._nested or type(item) is not list:  # (lists of ints: _Sequence's lookups, then _from_offsets)
+                return self._read_batch(_as_indices(item, self._n, self.out_dir))
+        return _Sequence._read_selection(self, item)
 
-    def _batch(self, idx):
+    def _read_batch(self, idx):
         if self.wrapper_fn is not None or not len(idx):
-            return _Sequence._batch(self, idx)
+            return _Sequence._read_batch(self, idx)
         with self._lock():
             self._map_all()
             self._check_pages(idx)
             self._ask(idx)
-            return self._views(idx) if self._nested else self._flat_views(idx)
+            return self._views(idx)
 
     def _check_pages(self, keys):
         if self._nested and self._unchecked:
-            self._shape_rows()  # (a regular layout checks every page at once)
+            self._layout.regular_rows(self)  # (a regular layout checks every page at once)
         _Sequence._check_pages(self, keys)
 
-    def _flat_views(self, idx):
+    def _views(self, idx):
+        """Samples idx (an int64 array; mapped, pages checked), wrapper_fn not applied: through
+        strided windows where they serve (see "ragged: batch reads"), else sliced."""
+        if self._nested:
+            views = self._layout.window_views(self, idx)
+            return views if views is not None else self._slices(idx, *self._entries(idx, "_starts", "_ends"))
         starts, ends = self._gather("_starts", idx), self._gather("_ends", idx)
         data = self._data
         out = [data[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
-        for k in np.flatnonzero(ends - starts == 1).tolist():
-            if not self._flat_shapes[idx[k]]:
-                out[k] = out[k].item()  # a scalar (see __getitem__)
+        for k in np.flatnonzero(ends - starts == 1).tolist():  # maybe scalars
+            if _scalar(1, self._flat_shapes[idx[k]]):
+                out[k] = out[k].item()
         return out
 
-    def _views(self, idx):
-        """Samples idx (an int64 array) of a nested store (mapped), wrapper_fn not applied."""
-        rows = self._shape_rows() if len(idx) else None
-        views = self._window_views(idx, rows) if rows is not None and rows.shape[1] > 1 else None
-        if views is None:
-            data, (starts, ends), shapes = self._data, self._lookup(idx, "_starts", "_ends"), self._shapes_of(idx)
-            views = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
-            if not all(shapes):  # scalars, read as Python scalars (see __getitem__)
-                views = [v if v.ndim else v.item() for v in views]
-        return views
-
-    def _window_views(self, idx, rows):
-        """Samples idx (mapped) of a store whose samples all have ndim >= 2 dimensions, each
-        one indexing step through a _Windows view (0.8x the time of slicing and reshaping);
-        None for the rare batch that one of them cannot serve (see the checks below)."""
-        data, windows = self._data, self._np_views.get("_windows")
-        if windows is None:
-            windows = self._np_views["_windows"] = _Windows(data, list(rows.T), *self._regular[3:])
-        if not windows.usable:
-            return None
-        first = windows.columns[0][idx]
-        if windows.row is not None:  # one trailing shape in the whole store
-            row, code = windows.row, windows.code
-        else:  # column by column: numpy's 2-D gathers and short-axis reductions cost more
-            trailing = [column[idx] for column in windows.columns[1:]]
-            row, code = trailing[0], trailing[0]  # elements per step along the first axis; key
-            for j, axis in enumerate(trailing[1:], 1):
-                row, code = row * axis, code | (axis << (windows.bits * j))
-        starts = self._gather("_starts", idx)
-        q, o = np.divmod(starts, row)
-        stop = q + first
-        # a window holds a sample that ends at least `row - s % row` elements before the end of
-        # the data (stop * row + row <= len + 1, see _Windows.__missing__): all but the last
-        # few, so the exact check runs only for batches that come near the end
-        end = len(data) + 1
-        if int(starts.max()) + windows.reach > end and int(((stop + 1) * row).max()) > end:
-            return None
-        o, q, stop = o.tolist(), q.tolist(), stop.tolist()
-        if windows.row is not None:
-            window = windows[code]
-            return [window[a, b:c] for a, b, c in zip(o, q, stop)]
-        return [windows[k][a, b:c] for k, a, b, c in zip(code.tolist(), o, q, stop)]
-
-    def _build(self, keys, columns):
-        """Samples keys (mapped), given their (starts, ends): with wrapper_fn, or of a flat store."""
+    def _from_offsets(self, keys, columns):
+        """Samples keys (mapped, pages checked), given their (starts, ends): as read, wrapper_fn applied."""
         if self.wrapper_fn is not None:
             return [self[k] for k in keys]
+        return self._slices(keys, *columns)
+
+    def _slices(self, keys, starts, ends):
+        """Samples keys (mapped, pages checked), sliced from their starts and ends (lists) and,
+        when nested, reshaped; scalar samples read as Python scalars (see _sample)."""
         data = self._data
-        starts, ends = columns
+        if self._nested:
+            shapes = self._layout.shapes(self, keys)
+            out = [data[s:e].reshape(shape) for s, e, shape in zip(starts, ends, shapes)]
+            return out if all(shapes) else [v if v.ndim else v.item() for v in out]
         out = [data[s:e] for s, e in zip(starts, ends)]
-        for k, (s, e) in enumerate(zip(starts, ends)):
-            if e - s == 1 and not self._flat_shapes[keys[k]]:
-                out[k] = out[k].item()  # a scalar (see __getitem__)
+        for k in [k for k, (s, e) in enumerate(zip(starts, ends)) if e - s == 1]:  # maybe scalars
+            if _scalar(1, self._flat_shapes[keys[k]]):
+                out[k] = out[k].item()
         return out
-
-    def _shapes_of(self, keys):
-        """The shapes of samples keys (mapped; a list or an int64 array) as lists."""
-        if not len(keys):
-            return []
-        if not self._nested:
-            starts, ends, flat = self._lookup(keys, "_starts", "_ends", "_flat_shapes")
-            return [[] if (e - s == 1 and not f) else [e - s] for s, e, f in zip(starts, ends, flat)]
-        table, a, b = self._shape_table(keys)
-        if table is not None:
-            return table.tolist()
-        shape_data = self._gather("_shape_data", slice(None))
-        return [shape_data[x:y].tolist() for x, y in zip(a.tolist(), b.tolist())]
-
-    def _shape_rows(self):
-        """Row i is the shape of sample i, as an (n, ndim) int64 array over the map, when every
-        mapped sample has ndim dimensions and its shape sits at entries [i*ndim, (i+1)*ndim) of
-        the shape data, which is how writers lay such stores out; else None. Batch reads then
-        look shapes up with one gather. Each sample is checked once: the store only grows, so
-        the verdict is kept across remaps of the same shape files (and redone for new ones).
-        The same pass checks that each sample's offsets follow the previous sample's and span
-        its shape: the batch paths then trust them (damage makes the layout irregular, and the
-        plain path reports the damaged sample)."""
-        if self._np_views is None:
-            self._np_views = {}
-        rows = self._np_views.get("_rows", False)
-        if rows is not False:
-            return rows
-        n = self._mapped
-        ident, ndim, checked, lo, hi = self._regular
-        if ident != self._shapes_id:
-            ndim, checked, lo, hi = None, 0, None, None
-        while ndim != -1 and checked < n:  # in chunks: memory stays small for huge stores
-            stop = min(checked + (1 << 20), n)
-            a = self._gather("_shape_starts", slice(checked, stop))
-            b = self._gather("_shape_ends", slice(checked, stop))
-            if ndim is None:
-                ndim = int(b[0] - a[0])
-            expected = np.arange(checked, stop, dtype=np.int64) * ndim
-            if not (np.array_equal(a, expected) and np.array_equal(b, expected + ndim)):
-                ndim = -1
-                break
-            shapes = self._gather("_shape_data", slice(checked * ndim, stop * ndim)).reshape(stop - checked, ndim)
-            starts, ends = self._gather("_starts", slice(checked, stop)), self._gather("_ends", slice(checked, stop))
-            if not (int(starts[0]) == (self._ends[checked - 1] if checked else 0) and (shapes >= 0).all()
-                    and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))):
-                ndim = -1
-                break
-            lo, hi = _axis_bounds(shapes, None if lo is None else (lo, hi))  # (for _Windows)
-            checked = stop
-        self._regular = (self._shapes_id, ndim, checked, lo, hi)
-        rows = None
-        if n and ndim != -1:
-            rows = self._gather("_shape_data", slice(0, n * ndim)).reshape(n, ndim)
-            pages = len(self._checked) // 2  # all checked (by shape: scalars or none)
-            self._checked[:pages] = [True if ndim else None] * pages
-            self._unchecked = 0
-        self._np_views["_rows"] = rows
-        return rows
-
-    def _shape_table(self, keys):
-        """(shapes of samples keys as an int64 array (len(keys), ndim), or None when their
-        numbers of dimensions differ; where each shape starts and ends, unless the shapes are
-        regular) for a nested store."""
-        rows = self._shape_rows()
-        if rows is not None:
-            return rows.take(keys, 0), None, None  # take: 3x faster than rows[keys]
-        kidx = np.asarray(keys, np.int64)
-        a, b = self._gather("_shape_starts", kidx), self._gather("_shape_ends", kidx)
-        ndim = int(b[0] - a[0]) if len(a) else 0
-        if not (b - a == ndim).all():
-            return None, a, b
-        return self._gather("_shape_data", slice(None))[a[:, None] + np.arange(ndim)], a, b
 
     @property
     def memmap(self):
@@ -2345,12 +2263,12 @@ class RaggedMmap(_Sequence):
 
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
-        i = self._norm_index(int(i))
+        i = self._position(int(i))
         self._ensure_mapped(i + 1)
         if self._nested:
             return tuple(self._shape_data[self._shape_starts[i]:self._shape_ends[i]])
         length = self._ends[i] - self._starts[i]
-        return () if length == 1 and self._flat_shapes[i] == 0 else (length,)
+        return () if _scalar(length, self._flat_shapes[i]) else (length,)
 
     @property
     def dtype(self):
@@ -2371,120 +2289,7 @@ class RaggedMmap(_Sequence):
         ``collate_fn`` or a batch sampler.
         """
         with self._lock():
-            return self._padded(_indices(indices, self._n, self.out_dir), pad_value)
-
-    def _padded(self, idx, pad_value):
-        self._map_all()
-        self._check_pages(idx)  # (no allocation from a damaged offset)
-        starts = self._gather("_starts", idx)
-        if self._nested:
-            shapes, a, b = self._shape_table(idx)
-            ndims = {shapes.shape[1]} if shapes is not None else set((b - a).tolist())
-        else:  # lengths, and which samples are 0-d, in a few vectorized steps
-            lengths = self._gather("_ends", idx) - starts
-            scalar = (lengths == 1) & (self._gather("_flat_shapes", idx) == 0)
-            ndims = {0} if scalar.all() and len(idx) else {0, 1} if scalar.any() else {1}
-            shapes = lengths.reshape(-1, 1) if ndims == {1} else np.zeros((len(idx), 0), np.int64)
-        if len(ndims) > 1:
-            raise ValueError(f"{self.out_dir}: get_padded needs samples of one number of "
-                             f"dimensions, got {sorted(ndims)}-dimensional ones")
-        ndim, k = ndims.pop() if ndims else 1, len(idx)
-        shapes = np.asarray(shapes, np.int64).reshape(k, ndim)
-        self._ask(idx, math.prod(shapes.max(axis=0).tolist()) if k else 0)  # (gathers read a padded sample's span)
-        pad = np.full((), pad_value, dtype=self._dtype or np.float64)
-        if not k or ndim == 0:  # nothing, or one element per sample
-            return (self._data[starts] if k else np.full((0,) + (0,) * ndim, pad)), shapes
-        # which axes vary: known for the whole store when its shapes are regular, else per batch
-        if ndim == 1:
-            same, hi = [False], [None]
-        else:
-            lo, hi = (self._regular[3:] if self._nested and self._np_views.get("_rows") is not None
-                      else (shapes.min(axis=0), shapes.max(axis=0)))
-            same, hi = (lo == hi).tolist(), hi.tolist()
-        if all(same[1:]):  # only the first axis varies (1-D samples, sequences of vectors)
-            max_shape = (int(shapes[:, 0].max()), *hi[1:])
-            row = math.prod(max_shape[1:])
-            batch = self._runs(starts, shapes[:, 0] * row, max_shape[0] * row, pad)
-            return batch.reshape((k,) + max_shape), shapes
-        if all(same[2:]):  # the first two axes vary: (h, w, ...) images
-            max_shape = (int(shapes[:, 0].max()), int(shapes[:, 1].max()), *hi[2:])
-            return self._blocks(idx, starts, shapes, max_shape, pad), shapes
-        # three or more varying axes: one copy per sample, destinations (j, :a0, :a1, ...)
-        # built by zip and map, in C, in ascending position (sequential on disk)
-        max_shape = tuple(shapes.max(axis=0).tolist())
-        return self._copy_each(np.full((k,) + max_shape, pad), idx, shapes), shapes
-
-    def _copy_each(self, batch, idx, shapes, which=None):
-        """Copy samples idx (or idx[which]) into batch[j, :a0, :a1, ...], one by one."""
-        which = np.argsort(idx, kind="stable") if which is None else which
-        destinations = zip(which.tolist(), *[map(slice, axis) for axis in shapes[which].T.tolist()])
-        for destination, sample in zip(destinations, self._views(idx[which])):
-            batch[destination] = sample
-        return batch
-
-    def _blocks(self, idx, starts, shapes, max_shape, pad):
-        """get_padded for samples whose first two axes vary, (h, w, *t) with one t: row r of
-        sample j is the w*c elements (c = prod(t)) at starts[j] + r*w*c. One gather through a
-        view of every run of `width` = W*c elements copies all rows at once, each with whatever
-        follows it in the data, then one AND with byte masks from _pad_plan clears what lies
-        outside each sample (and an OR sets a nonzero pad there). Samples too near the end of
-        the data for a full row, or all of them when the masks would be large, are copied one
-        by one."""
-        data, k, (rows, cols) = self._data, len(idx), max_shape[:2]
-        c = math.prod(max_shape[2:])
-        width, size = cols * c, data.itemsize
-        last = len(data) - width  # full runs start at elements 0..last
-        if last < 0 or not width or not size or (cols + 1) * 2 * rows * width * size > _PAD_MASKS_MAX:
-            return self._copy_each(np.full((k,) + max_shape, pad), idx, shapes)
-        view = self._run_view(width)
-        masks, steps = _pad_plan(rows, cols, c, size)
-        h, w = shapes[:, 0], shapes[:, 1]
-        offsets = steps.take(w, 0)  # take: 2.5x faster than steps[w] on a small table
-        offsets += starts[:, None]
-        late = None
-        if offsets[:, -1].max() > last:  # the last rows of these would run past the data
-            late = np.flatnonzero(offsets[:, -1] > last)
-            offsets[late] = 0
-        batch = view[offsets].view(np.uint8).reshape(-1)
-        masks = masks[h, w].view(np.uint8)
-        np.bitwise_and(batch, masks, out=batch)
-        if pad.tobytes().strip(b"\0"):  # a nonzero pad where the masks cleared
-            np.bitwise_or(batch.reshape(k, -1), ~masks.reshape(k, -1) & np.full(rows * width, pad).view(np.uint8),
-                          out=batch.reshape(k, -1))
-        batch = batch.view(data.dtype).reshape((k,) + max_shape)
-        if late is not None:  # (their padding is already set: the masks cover them too)
-            self._copy_each(batch, idx, shapes, late)
-        return batch
-
-    def _run_view(self, width):
-        """A read-only view of the mapped data whose item e is the `width` elements (width > 0,
-        at most the data's length) that start at element e, as one void item: gathering such
-        runs copies each with one memcpy. Made once per width and mapping."""
-        view = self._np_views.get(("_runs", width))
-        if view is None:
-            data = self._data
-            view = np.lib.stride_tricks.as_strided(data[:width].view(("V", width * data.itemsize)),
-                                                   (len(data) - width + 1,), (data.itemsize,), writeable=False)
-            self._np_views[("_runs", width)] = view
-        return view
-
-    def _runs(self, starts, lengths, width, pad):
-        """A new (len(starts), width) array whose row j is data[starts[j]:][:lengths[j]] padded
-        with pad: one gather through _run_view, then one masked fill. Rows that start in the
-        last `width` elements are copied one by one."""
-        data = self._data
-        last = len(data) - width  # full runs start at 0..last
-        if last < 0 or not width or not data.itemsize:
-            out, late = np.full((len(starts), width), pad), range(len(starts))
-        else:
-            out = self._run_view(width)[np.minimum(starts, last)[:, None]].view(data.dtype)  # a copy
-            small = np.int16 if width < 1 << 15 else np.int64  # masks build 3x faster in int16
-            np.copyto(out, pad, where=np.arange(width, dtype=small) >= lengths.astype(small)[:, None])
-            late = np.flatnonzero(starts > last).tolist()
-        for j in late:
-            s, length = int(starts[j]), int(lengths[j])
-            out[j, :length] = data[s:s + length]
-        return out
+            return _padded(self, _as_indices(indices, self._n, self.out_dir), pad_value)
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -2520,7 +2325,7 @@ class RaggedMmap(_Sequence):
         if dtypes != {dtype}:
             arrays = [_as_sample(a, d, dtype) for a in arrays]
         if dtype != writer.dtype:
-            _write_atomic(join(d, "dtype.ninja"), _dtype_to_text(dtype, d).encode(), self.durable)
+            _replace_file(join(d, "dtype.ninja"), _dtype_to_text(dtype, d).encode(), self.durable)
             writer.close()
             writer.sync()
         if nested and writer.nested is None:
@@ -2589,7 +2394,7 @@ class RaggedMmap(_Sequence):
                     builder.extend(batch)
                     batch.clear()  # let the samples go before the next batch is read
             if not os.path.lexists(os.path.join(build, "type.ninja")):
-                _create_ragged(build, np.dtype(dtype or np.float64), nested=False, durable=durable)
+                _create_sequence(build, np.dtype(dtype or np.float64), nested=False, durable=durable)
         return cls(out_dir, wrapper_fn=wrapper_fn, mode=mode,
                    copy_before_wrapper_fn=copy_before_wrapper_fn, durable=durable)
 
@@ -2599,6 +2404,161 @@ class RaggedMmap(_Sequence):
         return f"RaggedMmap({self.out_dir!r}, {len(self)} samples, dtype={self._dtype})"
 
 
+###################################################################################################
+# ragged: batch reads
+###################################################################################################
+
+# ragged[indices] and get_padded cost less per sample than slicing in-memory arrays. Each trick
+# below is one step numpy does in C where a loop would make one view or copy per sample; each
+# keeps a plain fallback, and a test pins both (test_batch_reads_and_get_padded_match_the_samples
+# over seven layouts; the tests named below):
+#
+# - Regular shapes (_Layout.regular_rows): every writer puts sample i's shape at entries
+#   [i*ndim, (i+1)*ndim) of the shapes' data, so the shapes are one (n, ndim) array and a batch's
+#   are one gather. Checked once per sample, with its offsets, and kept across remaps of the
+#   same files; an irregular store gathers each shape's start and end instead.
+# - Strided windows (_Windows, _Layout.window_views): for each trailing shape t of the samples,
+#   one view whose item [o, q] is the t-shaped block at element q*row + o; a sample is then one
+#   indexing step instead of a slice and a reshape (0.82-0.84x their time: what puts
+#   ragged[indices] of images under the in-memory floor). Fallback: slice and reshape, for
+#   samples too near the end of the data, zero-size rows, axes too long to pack into a key
+#   (test_batch_reads_fall_back_when_windows_cannot_serve).
+# - Runs gathered as void items (_Layout.run_view, _pad_runs): a view whose item e is the `width`
+#   elements from element e, as one void item, so gathering a batch's runs is one memcpy each;
+#   the tails are then masked with the pad. get_padded of sequences costs ~6x less than copying
+#   sample by sample. Fallback: samples in the last `width` elements are copied one by one
+#   (test_get_padded_samples_in_the_last_run).
+# - Byte masks (_pad_plan, _pad_blocks): images (h, w, c) gather every row at full width in one
+#   go, then one AND with a mask table clears what lies outside each sample (an OR sets a nonzero
+#   pad): 3.4x less than copying each sample. Fallback: one by one when the masks would pass
+#   1 MB, or for rows that would run past the data (test_get_padded_images_through_byte_masks).
+
+
+class _Layout:
+    """What batch reads know about a RaggedMmap object's shapes and data: worked out on first
+    use, dropped by a remap, except the verdict on the shapes (regular or not, and each axis's
+    least and greatest length), which covers the samples checked so far and is kept across
+    remaps of the same shape files (the store only grows: each sample is checked once)."""
+
+    def __init__(self):
+        self.ident, self.ndim, self.checked, self.lo, self.hi = None, None, 0, None, None
+        self.unmap()
+
+    def unmap(self):
+        self.rows = False  # the shapes as an (n, ndim) array when regular, None when not; False: not yet looked
+        self.windows = None  # a _Windows over the data
+        self.runs = {}  # width: a view of every run of width elements (see run_view)
+
+    def regular_rows(self, store):
+        """Row i is the shape of mapped sample i, as one (n, ndim) int64 array over the map,
+        when every sample has ndim dimensions and its shape at entries [i*ndim, (i+1)*ndim);
+        else None. The same pass checks each sample's offsets (following the previous one's,
+        spanning its shape): a regular store's pages of offsets are then all checked (see
+        _Sequence._check_page), and damage makes the store irregular, where the page checks
+        name the damaged sample."""
+        if self.rows is not False:
+            return self.rows
+        n = store._mapped
+        if self.ident != store._shapes_id:
+            self.ident, self.ndim, self.checked, self.lo, self.hi = store._shapes_id, None, 0, None, None
+        while self.ndim != -1 and self.checked < n:  # in chunks: memory stays small for huge stores
+            lo, hi = self.checked, min(self.checked + (1 << 20), n)
+            a, b = store._gather("_shape_starts", slice(lo, hi)), store._gather("_shape_ends", slice(lo, hi))
+            if self.ndim is None:
+                self.ndim = int(b[0] - a[0])
+            ndim = self.ndim
+            expected = np.arange(lo, hi, dtype=np.int64) * ndim
+            if not (np.array_equal(a, expected) and np.array_equal(b, expected + ndim)):
+                self.ndim = -1
+                break
+            shapes = store._gather("_shape_data", slice(lo * ndim, hi * ndim)).reshape(hi - lo, ndim)
+            starts, ends = store._gather("_starts", slice(lo, hi)), store._gather("_ends", slice(lo, hi))
+            if not (int(starts[0]) == (store._ends[lo - 1] if lo else 0) and (shapes >= 0).all()
+                    and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))):
+                self.ndim = -1
+                break
+            self.lo, self.hi = _axis_bounds(shapes, None if self.lo is None else (self.lo, self.hi))
+            self.checked = hi
+        self.rows = None
+        if n and self.ndim != -1:
+            self.rows = store._gather("_shape_data", slice(0, n * self.ndim)).reshape(n, self.ndim)
+            store._all_checked(plain=self.ndim > 0)  # (no scalar sample when ndim > 0)
+        return self.rows
+
+    def table(self, store, keys):
+        """(The shapes of samples keys, an int64 array (len(keys), ndim), or None when their
+        numbers of dimensions differ; unless the shapes are regular, where each starts and
+        ends in the shapes' data)."""
+        rows = self.regular_rows(store)
+        if rows is not None:
+            return rows.take(keys, 0), None, None  # take: 3x faster than rows[keys]
+        kidx = np.asarray(keys, np.int64)
+        a, b = store._gather("_shape_starts", kidx), store._gather("_shape_ends", kidx)
+        ndim = int(b[0] - a[0]) if len(a) else 0
+        if not (b - a == ndim).all():
+            return None, a, b
+        return store._gather("_shape_data", slice(None))[a[:, None] + np.arange(ndim)], a, b
+
+    def shapes(self, store, keys):
+        """The shapes of samples keys (a list or an int64 array) as lists."""
+        if not len(keys):
+            return []
+        if not store._nested:
+            starts, ends, flat = store._entries(keys, "_starts", "_ends", "_flat_shapes")
+            return [[] if _scalar(e - s, f) else [e - s] for s, e, f in zip(starts, ends, flat)]
+        table, a, b = self.table(store, keys)
+        if table is not None:
+            return table.tolist()
+        shape_data = store._gather("_shape_data", slice(None))
+        return [shape_data[x:y].tolist() for x, y in zip(a.tolist(), b.tolist())]
+
+    def window_views(self, store, idx):
+        """Samples idx of a regular store whose samples have 2+ dimensions, each one indexing
+        step through a _Windows view; None for the (rare) batch that one cannot serve."""
+        rows = self.regular_rows(store)
+        if rows is None or rows.shape[1] < 2:
+            return None
+        data, windows = store._data, self.windows
+        if windows is None:
+            windows = self.windows = _Windows(data, list(rows.T), self.lo, self.hi)
+        if not windows.usable:
+            return None
+        first = windows.columns[0][idx]
+        if windows.row is not None:  # one trailing shape in the whole store
+            row, code = windows.row, windows.code
+        else:  # column by column: numpy's 2-D gathers and short-axis reductions cost more
+            trailing = [column[idx] for column in windows.columns[1:]]
+            row, code = trailing[0], trailing[0]  # elements per step along the first axis; key
+            for j, axis in enumerate(trailing[1:], 1):
+                row, code = row * axis, code | (axis << (windows.bits * j))
+        starts = store._gather("_starts", idx)
+        q, o = np.divmod(starts, row)
+        stop = q + first
+        # a window holds a sample that ends at least `row - s % row` elements before the end of
+        # the data (stop * row + row <= len + 1, see _Windows.__missing__): all but the last
+        # few, so the exact check runs only for batches that come near the end
+        end = len(data) + 1
+        if int(starts.max()) + windows.reach > end and int(((stop + 1) * row).max()) > end:
+            return None
+        o, q, stop = o.tolist(), q.tolist(), stop.tolist()
+        if windows.row is not None:
+            window = windows[code]
+            return [window[a, b:c] for a, b, c in zip(o, q, stop)]
+        return [windows[k][a, b:c] for k, a, b, c in zip(code.tolist(), o, q, stop)]
+
+    def run_view(self, store, width):
+        """A read-only view of the mapped data whose item e is the `width` elements (width > 0,
+        at most the data's length) that start at element e, as one void item: gathering such
+        runs copies each with one memcpy."""
+        view = self.runs.get(width)
+        if view is None:
+            data = store._data
+            view = self.runs[width] = np.lib.stride_tricks.as_strided(
+                data[:width].view(("V", width * data.itemsize)), (len(data) - width + 1,), (data.itemsize,),
+                writeable=False)
+        return view
+
+
 def _axis_bounds(shapes, previous=None):
     """(least, greatest) length of each axis of shapes (an (n, ndim) array), merged with a
     previous pair."""
@@ -2606,9 +2566,109 @@ def _axis_bounds(shapes, previous=None):
     return (lo, hi) if previous is None else (np.minimum(lo, previous[0]), np.maximum(hi, previous[1]))
 
 
-###################################################################################################
-# ragged: batch reads
-###################################################################################################
+def _padded(store, idx, pad_value):
+    """RaggedMmap.get_padded (locked): looks the shapes up, then chooses by which axes vary."""
+    store._map_all()
+    store._check_pages(idx)  # (no allocation from a damaged offset)
+    starts, layout = store._gather("_starts", idx), store._layout
+    if store._nested:
+        shapes, a, b = layout.table(store, idx)
+        ndims = {shapes.shape[1]} if shapes is not None else set((b - a).tolist())
+    else:  # lengths, and which samples are scalars, in a few vectorized steps
+        lengths = store._gather("_ends", idx) - starts
+        scalar = _scalar(lengths, store._gather("_flat_shapes", idx))
+        ndims = {0} if scalar.all() and len(idx) else {0, 1} if scalar.any() else {1}
+        shapes = lengths.reshape(-1, 1) if ndims == {1} else np.zeros((len(idx), 0), np.int64)
+    if len(ndims) > 1:
+        raise ValueError(f"{store.out_dir}: get_padded needs samples of one number of "
+                         f"dimensions, got {sorted(ndims)}-dimensional ones")
+    ndim, k = ndims.pop() if ndims else 1, len(idx)
+    shapes = np.asarray(shapes, np.int64).reshape(k, ndim)
+    store._ask(idx, math.prod(shapes.max(axis=0).tolist()) if k else 0)  # (gathers read a padded span)
+    pad = np.full((), pad_value, dtype=store._dtype or np.float64)
+    if not k or ndim == 0:  # nothing, or one element per sample
+        return (store._data[starts] if k else np.full((0,) + (0,) * ndim, pad)), shapes
+    # which axes vary: known for the whole store when its shapes are regular, else per batch
+    if ndim == 1:
+        same, hi = [False], [None]
+    else:
+        lo, hi = (layout.lo, layout.hi) if layout.rows is not None else (shapes.min(axis=0), shapes.max(axis=0))
+        same, hi = (lo == hi).tolist(), hi.tolist()
+    if all(same[1:]):  # only the first axis varies (1-D samples, sequences of vectors)
+        max_shape = (int(shapes[:, 0].max()), *hi[1:])
+        row = math.prod(max_shape[1:])
+        batch = _pad_runs(store, starts, shapes[:, 0] * row, max_shape[0] * row, pad)
+        return batch.reshape((k,) + max_shape), shapes
+    if all(same[2:]):  # the first two axes vary: (h, w, ...) images
+        max_shape = (int(shapes[:, 0].max()), int(shapes[:, 1].max()), *hi[2:])
+        return _pad_blocks(store, idx, starts, shapes, max_shape, pad), shapes
+    max_shape = tuple(shapes.max(axis=0).tolist())  # three or more varying axes
+    return _pad_each(store, np.full((k,) + max_shape, pad), idx, shapes), shapes
+
+
+def _pad_each(store, batch, idx, shapes, which=None):
+    """Copy samples idx (or idx[which]) into batch[j, :a0, :a1, ...], one by one, in ascending
+    position (sequential on disk); the destinations are built by zip and map, in C."""
+    which = np.argsort(idx, kind="stable") if which is None else which
+    destinations = zip(which.tolist(), *[map(slice, axis) for axis in shapes[which].T.tolist()])
+    for destination, sample in zip(destinations, store._views(idx[which])):
+        batch[destination] = sample
+    return batch
+
+
+def _pad_runs(store, starts, lengths, width, pad):
+    """A new (len(starts), width) array whose row j is data[starts[j]:][:lengths[j]] padded
+    with pad: one gather through run_view, then one masked fill. Rows that start in the last
+    `width` elements are copied one by one."""
+    data = store._data
+    last = len(data) - width  # full runs start at 0..last
+    if last < 0 or not width or not data.itemsize:
+        out, late = np.full((len(starts), width), pad), range(len(starts))
+    else:
+        out = store._layout.run_view(store, width)[np.minimum(starts, last)[:, None]].view(data.dtype)  # a copy
+        small = np.int16 if width < 1 << 15 else np.int64  # masks build 3x faster in int16
+        np.copyto(out, pad, where=np.arange(width, dtype=small) >= lengths.astype(small)[:, None])
+        late = np.flatnonzero(starts > last).tolist()
+    for j in late:
+        s, length = int(starts[j]), int(lengths[j])
+        out[j, :length] = data[s:s + length]
+    return out
+
+
+def _pad_blocks(store, idx, starts, shapes, max_shape, pad):
+    """get_padded for samples whose first two axes vary, (h, w, *t) with one t: row r of
+    sample j is the w*c elements (c = prod(t)) at starts[j] + r*w*c. One gather through a run
+    view of width W*c copies all rows at once, each with whatever follows it in the data, then
+    one AND with byte masks from _pad_plan clears what lies outside each sample (and an OR sets
+    a nonzero pad there). Samples too near the end of the data for a full row, or all of them
+    when the masks would be large, are copied one by one."""
+    data, k, (rows, cols) = store._data, len(idx), max_shape[:2]
+    c = math.prod(max_shape[2:])
+    width, size = cols * c, data.itemsize
+    last = len(data) - width  # full runs start at elements 0..last
+    if last < 0 or not width or not size or (cols + 1) * 2 * rows * width * size > _PAD_MASKS_MAX:
+        return _pad_each(store, np.full((k,) + max_shape, pad), idx, shapes)
+    view = store._layout.run_view(store, width)
+    masks, steps = _pad_plan(rows, cols, c, size)
+    h, w = shapes[:, 0], shapes[:, 1]
+    offsets = steps.take(w, 0)  # take: 2.5x faster than steps[w] on a small table
+    offsets += starts[:, None]
+    late = None
+    if offsets[:, -1].max() > last:  # the last rows of these would run past the data
+        late = np.flatnonzero(offsets[:, -1] > last)
+        offsets[late] = 0
+    batch = view[offsets].view(np.uint8).reshape(-1)
+    masks = masks[h, w].view(np.uint8)
+    np.bitwise_and(batch, masks, out=batch)
+    if pad.tobytes().strip(b"\0"):  # a nonzero pad where the masks cleared
+        np.bitwise_or(batch.reshape(k, -1), ~masks.reshape(k, -1) & np.full(rows * width, pad).view(np.uint8),
+                      out=batch.reshape(k, -1))
+    batch = batch.view(data.dtype).reshape((k,) + max_shape)
+    if late is not None:  # (their padding is already set: the masks cover them too)
+        _pad_each(store, batch, idx, shapes, late)
+    return batch
+
+
 class _Windows(dict):
     """Strided views of a ragged store's data, one per trailing shape t = (a1, ..., ak) of its
     samples, made on first use: window[o, q] is the t-shaped block that starts at element
@@ -2815,10 +2875,17 @@ class StringsMmap(_Sequence):
         self._init_state()
         self._reload(None)
 
+    def _init_state(self):
+        self._zstd = None  # (compress, decompress) for a zstd store
+        _Sequence._init_state(self)
+
+    def _drop_arrays(self):
+        self._buf = None
+
     def _load(self, snapshot):
         d, join = self.out_dir, os.path.join
         self._zstd = None
-        opened = self._map_index(snapshot)
+        opened = self._map_offsets(snapshot)
         if opened is None:
             self._buf = self._source = b""
             return
@@ -2835,9 +2902,9 @@ class StringsMmap(_Sequence):
                 raise IndexError
             raw = self._source[self._starts[item]:self._ends[item]]  # (see RaggedMmap.__getitem__)
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
-            return self._get(self._norm_index(item))
+            return self._read_one(self._position(item))
         except TypeError:  # a slice, a list, a mask
-            return self._get_other(item)
+            return self._read_many(item)
         try:
             if self._zstd is None:
                 return raw.decode()  # UTF-8 (the default: faster than naming it)
@@ -2853,13 +2920,13 @@ class StringsMmap(_Sequence):
         return _offsets_problem(self._starts, self._ends, lo, hi, len(self._buf)), True
 
     def _damaged(self, item):
-        i = self._norm_index(int(item))
+        i = self._position(int(item))
         return ValueError(f"{self.out_dir}: string {i} spans bytes {self._starts[i]} to "
                           f"{self._ends[i]}, which do not follow the previous string or fit the "
                           f"data: the store is damaged (python -m mmap_ninja verify {self.out_dir} "
                           f"lists what is wrong)")
 
-    def _build(self, keys, columns):
+    def _from_offsets(self, keys, columns):
         """Strings keys (mapped), given their (starts, ends)."""
         if self._zstd is not None:
             return [self[k] for k in keys]
@@ -2939,7 +3006,7 @@ class StringsMmap(_Sequence):
                 dictionary = _train_dictionary(_utf8(strings, out_dir), int(dictionary_size), out_dir)
             elif level is not None:
                 _require_zstd(out_dir)
-            _create_ragged(build, None, False, raw=True,
+            _create_sequence(build, None, False, raw=True,
                            zstd=None if level is None else (int(level), dictionary), durable=durable)
             with cls(build, durable=durable) as builder:
                 for batch in _batched(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536):
@@ -3067,7 +3134,7 @@ class ShardedMmap:
                 i += n
             k = bisect.bisect_right(self._bounds, i) - 1
             return self.shards[k][i - self._bounds[k]]
-        idx = _indices(item, len(self), "ShardedMmap")
+        idx = _as_indices(item, len(self), "ShardedMmap")
         if not len(idx):
             return []
         shard_of = np.searchsorted(self._first, idx, "right") - 1
@@ -3079,7 +3146,7 @@ class ShardedMmap:
             if count:
                 mine = np.flatnonzero(shard_of == k) if count < len(idx) else None
                 local, shard = (idx if mine is None else idx[mine]) - self._bounds[k], self.shards[k]
-                got += shard._batch(local) if isinstance(shard, _Sequence) else [shard[i] for i in local.tolist()]
+                got += shard._read_batch(local) if isinstance(shard, _Sequence) else [shard[i] for i in local.tolist()]
                 where.append(mine)
         if len(where) == 1:
             return got
@@ -3094,7 +3161,7 @@ class ShardedMmap:
     def prefetch(self, indices):
         """Start reading samples ``indices`` from disk and return at once (see
         RaggedMmap.prefetch); each shard is asked for its own."""
-        idx = _indices([indices] if _is_int(indices) else indices, len(self), "ShardedMmap")
+        idx = _as_indices([indices] if _is_int(indices) else indices, len(self), "ShardedMmap")
         shard_of = np.searchsorted(self._first, idx, "right") - 1
         for k in np.unique(shard_of).tolist():
             _prefetch(self.shards[k], idx[shard_of == k] - self._bounds[k])
@@ -3144,7 +3211,7 @@ def _shard_names(out_dir, layout):
         if others:
             raise ValueError(f"{out_dir} is not empty ({_short(sorted(others))}): a conversion "
                              f"writes its shards into a directory of its own")
-        _write_atomic(manifest, json.dumps(layout).encode())
+        _replace_file(manifest, json.dumps(layout).encode())
     width = len(str(layout["num_shards"]))
     return [f"shard-{k:0{width}d}-of-{layout['num_shards']}" for k in range(layout["num_shards"])]
 
@@ -3350,7 +3417,7 @@ def _shape_chunks(store, chunk=1 << 16):
     """(first index, shapes) of every sample of a ragged store, a chunk at a time."""
     store._map_all()
     for start in range(0, len(store), chunk):
-        yield start, store._shapes_of(np.arange(start, min(start + chunk, len(store))))
+        yield start, store._layout.shapes(store, np.arange(start, min(start + chunk, len(store))))
 
 
 def _verify(path):
@@ -3427,7 +3494,7 @@ def _check_store(path, problems, kind=None):
                         f"{'ragged' if nested else 'flat'}")
     if not nested:
         lengths = _index_column(shapes_dir, n, (1,))
-        held = np.where((lengths == 0) & (flattened == 1), 1, lengths)  # (0-d samples)
+        held = np.where(_scalar(flattened, lengths), 1, lengths)
         bad = (lengths < 0) | (held != flattened)
         if bad.any():
             problems.append(f"{path}: sample {int(np.argmax(bad))}: shapes/ records length "

@@ -535,7 +535,7 @@ def test_a_directory_without_type_ninja_is_no_store_yet(kind, tmp_path):
     and starts afresh. Samples without type.ninja, though, are damage: nothing clears them."""
     d = tmp_path / "s"
     (RaggedMmap if kind == "ragged" else StringsMmap)(d).extend([])
-    mmap_ninja._create_ragged(str(d), np.int64, False, raw=kind == "strings")
+    mmap_ninja._create_sequence(str(d), np.int64, False, raw=kind == "strings")
     os.remove(d / "type.ninja")  # killed just before its last step
     (d / "type.ninja.tmp-123-abc").write_bytes(b"rag")
     (d / "notes.txt").write_text("the user's")
@@ -1364,6 +1364,19 @@ def same_reads(a, b):
     return type(a) is type(b) and a == b
 
 
+def record_willneed(monkeypatch):
+    """Spy on the MADV_WILLNEED calls: returns the list of (start, stop) byte ranges asked for."""
+    asked = []
+    real = mmap_ninja._willneed
+
+    def recording_willneed(mm, start, stop):
+        asked.append((start, stop))
+        return real(mm, start, stop)
+
+    monkeypatch.setattr(mmap_ninja, "_willneed", recording_willneed)
+    return asked
+
+
 @pytest.mark.parametrize("name", ["images", "tokens", "texts", "parts"])
 def test_cold_reads_and_prefetch_never_change_what_is_read(name, tmp_path, monkeypatch):
     cold_stores(tmp_path)
@@ -1371,9 +1384,8 @@ def test_cold_reads_and_prefetch_never_change_what_is_read(name, tmp_path, monke
     def open_store():
         return ShardedMmap(tmp_path / "parts") if name == "parts" else open_existing(tmp_path / name)
     plain = read_everything(open_store(), np.random.default_rng(1))
-    asked = []
-    real = mmap_ninja._willneed
-    monkeypatch.setattr(mmap_ninja, "_willneed", lambda mm, a, b: asked.append((a, b)) or real(mm, a, b))
+    real_willneed = mmap_ninja._willneed
+    asked = record_willneed(monkeypatch)
     store = open_store()
     for shard in getattr(store, "shards", [store]):
         shard.cold = True  # every read asks for its pages first
@@ -1394,7 +1406,7 @@ def test_cold_reads_and_prefetch_never_change_what_is_read(name, tmp_path, monke
 
         def madvise(self, *args):
             raise AssertionError("madvise called where the platform has none")
-    real(NoAdvice(), 0, 1 << 19)
+    real_willneed(NoAdvice(), 0, 1 << 19)
     store = open_store()
     for shard in getattr(store, "shards", [store]):
         shard.cold = True
@@ -1421,9 +1433,7 @@ def test_cold_data_is_found_by_probing_and_left_when_hot(tmp_path, monkeypatch):
     store = RaggedMmap(tmp_path / "r")
     if not store.cold:
         pytest.skip("this file system keeps the pages (or probes cannot tell): nothing to test")
-    asked = []
-    real = mmap_ninja._willneed
-    monkeypatch.setattr(mmap_ninja, "_willneed", lambda mm, a, b: asked.append((a, b)) or real(mm, a, b))
+    asked = record_willneed(monkeypatch)
     assert store[10][0] == 10 and asked == [(10 * 8000, 11 * 8000)]  # its own pages, asked for
     with open(tmp_path / "r" / "data.ninja", "rb") as f:  # now in the page cache:
         f.read()
@@ -2201,10 +2211,14 @@ def test_get_padded_images_through_byte_masks(masks_max, tmp_path, monkeypatch):
     pads are zero and nonzero, and the last samples end too near the data's end for a row."""
     if masks_max is not None:
         monkeypatch.setattr(mmap_ninja, "_PAD_MASKS_MAX", masks_max)
-    copied = []
-    copy_each = RaggedMmap._copy_each
-    monkeypatch.setattr(RaggedMmap, "_copy_each", lambda self, batch, idx, shapes, which=None: copied.append(
-        len(idx) if which is None else len(which)) or copy_each(self, batch, idx, shapes, which))
+    copied = []  # how many samples each call of _pad_each (the one-by-one fallback) copied
+    pad_each = mmap_ninja._pad_each
+
+    def counting_pad_each(store, batch, idx, shapes, which=None):
+        copied.append(len(idx) if which is None else len(which))
+        return pad_each(store, batch, idx, shapes, which)
+
+    monkeypatch.setattr(mmap_ninja, "_pad_each", counting_pad_each)
     rng = np.random.default_rng(11)
     samples = []
     for k in range(40):
@@ -2492,7 +2506,11 @@ def test_sharded_batch_reads_each_shard_once(kind, tmp_path, monkeypatch):
     assert len(sharded) == 210
     batches = []  # the length of each shard's batch read
     for cls in (RaggedMmap, StringsMmap):
-        monkeypatch.setattr(cls, "_batch", lambda self, idx, real=cls._batch: batches.append(len(idx)) or real(self, idx))
+        def counting_read_batch(self, idx, real=cls._read_batch):
+            batches.append(len(idx))
+            return real(self, idx)
+
+        monkeypatch.setattr(cls, "_read_batch", counting_read_batch)
     idx = rng.integers(-210, 210, 300)
     expected = [sharded[int(i)] for i in idx]
     got = sharded[idx]
@@ -2703,9 +2721,14 @@ def test_sigkill_during_from_generator(tmp_path):
 
 
 def test_durable_appends_fsync_before_and_after_commit(tmp_path, monkeypatch):
-    synced = []
+    synced = []  # the descriptors fsynced, in order
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+
+    def recording_fsync(fd):
+        synced.append(fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     store = RaggedMmap(tmp_path / "r", durable=True)
     store.append(np.arange(3))
     assert len(synced) >= 10  # every data and shape file of the five columns
