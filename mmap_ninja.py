@@ -155,10 +155,10 @@ def _open_fd(path, what="file", write=False, root=None):
         _check_inside(path, root)
     try:
         fd = os.open(path, (_O_WRITE if write else _O_READ) | _BINARY)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
         raise FileNotFoundError(
             f"{what} is missing: {path} does not exist (the store is damaged, or this directory "
-            f"is not a mmap_ninja store)") from None
+            f"is not a mmap_ninja store)") from e
     except PermissionError as e:
         action = f"open {path} for writing" if write else f"read {what} {path}"
         raise PermissionError(f"cannot {action}: {e.strerror}; check the store's file "
@@ -222,8 +222,8 @@ def _read_text(path, what, limit=_META_MAX):
     raw = _read_bytes(path, what, limit)
     try:
         return raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} {path} is not ASCII text: {raw[:40]!r}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not ASCII text: {raw[:40]!r}") from e
 
 
 def _write_bytes(fd, data, offset=None):
@@ -959,7 +959,8 @@ class _ReadAhead:
             if all(self.resident(m) for m in middles[::max(1, len(middles) // 8)].tolist()):
                 return  # (a few probes across the ranges found them all cached)
         if prefetch and self.fd is not None and hasattr(os, "posix_fadvise"):  # (in the order asked)
-            self.aside = threading.Thread(target=_advise_aside, args=(os.dup(self.fd), *ranges, self.aside), daemon=True)
+            self.aside = threading.Thread(target=_advise_aside, args=(os.dup(self.fd), *ranges, self.aside),
+                                          daemon=True)
             self.aside.start()
         else:
             for lo, hi in zip(*(r.tolist() for r in ranges)):
@@ -1165,20 +1166,15 @@ def np_from_generator(out_dir, sample_generator, batch_size, verbose=False):
     """Stack the samples of a generator into a numpy store; at most one batch is held in memory.
     The store appears when the generator is exhausted (an old one stays until then)."""
     batch_size = _check_batch_size(batch_size)
+    samples = iter(_progress(sample_generator, desc="numpy", verbose=verbose))
     with _creating(out_dir) as build:
-        writer = None
-        try:
-            for batch in _batched(_progress(sample_generator, desc="numpy", verbose=verbose), batch_size):
-                if writer is None:
-                    first = _as_sample(batch[0], out_dir)
-                    _write_meta(build, first.dtype, (0,) + first.shape)
-                    writer = _NumpyWriter(build).__enter__()
-                writer.extend_rows(batch)
-                batch.clear()  # let the samples go before the next batch is read
-        finally:
-            if writer is not None:
-                writer.__exit__()
-        if writer is None:
+        for first in samples:  # the first sample chooses the dtype and the row shape
+            sample = _as_sample(first, out_dir)
+            _write_meta(build, sample.dtype, (0,) + sample.shape)
+            with _NumpyWriter(build) as writer:
+                _write_batches(itertools.chain([first], samples), batch_size, writer.extend_rows)
+            break
+        else:
             raise ValueError(f"{out_dir}: the generator yielded no samples, so the store's dtype "
                              f"and shape cannot be inferred; use np_empty(out_dir, dtype, shape)")
     return _open_memmap(out_dir, "r+")
@@ -1967,6 +1963,14 @@ class _Sequence:
         return mm
 
 
+def _write_batches(samples, batch_size, extend):
+    """extend(batch) for each batch of batch_size samples: how every converter writes an
+    iterable into a store, holding one batch in memory at a time."""
+    for batch in _batched(samples, batch_size):
+        extend(batch)
+        batch.clear()  # let the samples go before the next batch is read
+
+
 def _batched(iterable, batch_size):
     iterator = iter(iterable)
     while True:
@@ -2355,7 +2359,7 @@ class RaggedMmap(_Sequence):
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key, shapes_key=shapes_key,
                          flattened_shapes_key=flattened_shapes_key), "RaggedMmap.from_lists")
         arrays = [_as_sample(x if dtype is None else np.asarray(x, dtype=dtype), out_dir) for x in lists]
-        return cls._from_batches(out_dir, [arrays] if arrays else [], dtype, mode, wrapper_fn,
+        return cls._from_samples(out_dir, arrays, len(arrays) or 1, dtype, mode, wrapper_fn,
                                  copy_before_wrapper_fn, durable)
 
     @classmethod
@@ -2366,7 +2370,7 @@ class RaggedMmap(_Sequence):
         _check_keys(keys, "RaggedMmap.from_generator")
         batch_size = _check_batch_size(batch_size)
         samples = _progress(sample_generator, desc="ragged", verbose=verbose)
-        return cls._from_batches(out_dir, _batched(samples, batch_size), dtype, mode, wrapper_fn,
+        return cls._from_samples(out_dir, samples, batch_size, dtype, mode, wrapper_fn,
                                  copy_before_wrapper_fn, durable)
 
     @classmethod
@@ -2381,18 +2385,17 @@ class RaggedMmap(_Sequence):
         total = _length(indexable)
         samples = (s for batch in _indexable_batches(indexable, batch_size, n_jobs, out_dir) for s in batch)
         samples = _progress(samples, total=total, desc="ragged", verbose=verbose)
-        return cls._from_batches(out_dir, _batched(samples, batch_size), dtype, mode, wrapper_fn,
+        return cls._from_samples(out_dir, samples, batch_size, dtype, mode, wrapper_fn,
                                  copy_before_wrapper_fn, durable)
 
     @classmethod
-    def _from_batches(cls, out_dir, batches, dtype, mode, wrapper_fn, copy_before_wrapper_fn, durable):
+    def _from_samples(cls, out_dir, samples, batch_size, dtype, mode, wrapper_fn, copy_before_wrapper_fn,
+                      durable):
+        if dtype is not None:
+            samples = (np.asarray(s, dtype=dtype) for s in samples)
         with _creating(out_dir, durable) as build:
             with cls(build, durable=durable) as builder:
-                for batch in batches:
-                    if dtype is not None:
-                        batch = [np.asarray(s, dtype=dtype) for s in batch]
-                    builder.extend(batch)
-                    batch.clear()  # let the samples go before the next batch is read
+                _write_batches(samples, batch_size, builder.extend)
             if not os.path.lexists(os.path.join(build, "type.ninja")):
                 _create_sequence(build, np.dtype(dtype or np.float64), nested=False, durable=durable)
         return cls(out_dir, wrapper_fn=wrapper_fn, mode=mode,
@@ -2766,9 +2769,9 @@ def _zstd_codec(store_dir):
     text = _read_text(level_path, "zstd level", 64)
     try:
         level = int(text)
-    except ValueError:
+    except ValueError as e:
         raise ValueError(f"{level_path}: the zstd level must be an integer, found {text!r}: the "
-                         f"store is damaged") from None
+                         f"store is damaged") from e
     dict_path = join(store_dir, "zstd_dict.ninja")
     dictionary = _read_bytes(dict_path, "zstd dictionary", 1 << 26) if os.path.lexists(dict_path) else None
     def checked(function, what):
@@ -2808,15 +2811,15 @@ def _utf8(strings, path):
     before anything is written."""
     try:
         return list(map(str.encode, strings))
-    except TypeError:
+    except TypeError as e:
         bad = next(s for s in strings if not isinstance(s, str))
         raise TypeError(f"{path}: StringsMmap holds str only, got {type(bad).__name__} "
-                        f"{_short(bad)}; decode bytes or convert with str() first") from None
+                        f"{_short(bad)}; decode bytes or convert with str() first") from e
     except UnicodeEncodeError as e:
         i, bad = next((i, s) for i, s in enumerate(strings) if not _encodable(s))
         raise UnicodeEncodeError(e.encoding, bad, e.start, e.end, (
             f"{path}: string {i} holds a lone surrogate, which UTF-8 cannot store; replace it "
-            f"first, e.g. s.encode('utf-8', 'replace').decode()")) from None
+            f"first, e.g. s.encode('utf-8', 'replace').decode()")) from e
 
 
 def _decodes(raw):
@@ -3007,11 +3010,10 @@ class StringsMmap(_Sequence):
             elif level is not None:
                 _require_zstd(out_dir)
             _create_sequence(build, None, False, raw=True,
-                           zstd=None if level is None else (int(level), dictionary), durable=durable)
+                             zstd=None if level is None else (int(level), dictionary), durable=durable)
             with cls(build, durable=durable) as builder:
-                for batch in _batched(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536):
-                    builder.extend(batch)
-                    batch.clear()
+                _write_batches(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536,
+                               builder.extend)
         return cls(out_dir, mode=mode, durable=durable)
 
     def __repr__(self):
@@ -3146,7 +3148,7 @@ class ShardedMmap:
             if count:
                 mine = np.flatnonzero(shard_of == k) if count < len(idx) else None
                 local, shard = (idx if mine is None else idx[mine]) - self._bounds[k], self.shards[k]
-                got += shard._read_batch(local) if isinstance(shard, _Sequence) else [shard[i] for i in local.tolist()]
+                got += shard[local] if isinstance(shard, _Sequence) else [shard[i] for i in local.tolist()]
                 where.append(mine)
         if len(where) == 1:
             return got
@@ -3205,7 +3207,7 @@ def _shard_names(out_dir, layout):
             raise ValueError(f"{out_dir} holds the shards of another conversion ({found['num_shards']} "
                              f"shards of {found['length']} {found['kind']} samples; this one makes "
                              f"{layout['num_shards']} of {layout['length']} {layout['kind']}): use "
-                             f"another directory, or remove that one first") from None
+                             f"another directory, or remove that one first")
     else:
         others = [name for name in os.listdir(out_dir) if not name.startswith(".")]
         if others:
@@ -3474,7 +3476,8 @@ def _check_store(path, problems, kind=None):
                 try:
                     store[i]
                 except (UnicodeDecodeError, ValueError, MemoryError) as e:  # zstd errors are ValueErrors too
-                    problems.append(f"{path}: string {i} cannot be {'decompressed or ' if compressed else ''}decoded: {e}")
+                    how = "decompressed or decoded" if compressed else "decoded"
+                    problems.append(f"{path}: string {i} cannot be {how}: {e}")
                     break
         return
     dtype, data_shape, _ = _read_meta(path)

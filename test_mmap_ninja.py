@@ -2,7 +2,6 @@
 import bisect
 import errno
 import json
-import mmap
 import os
 import pathlib
 import pickle
@@ -1224,7 +1223,7 @@ def test_an_unpickled_zstd_store_appends_compressed(tmp_path):
 
 def test_short_writes_are_completed(tmp_path, monkeypatch):
     """Linux writes at most 0x7ffff000 bytes per call; every write loop carries on after a short one."""
-    real_write, real_pwrite, real_writev = os.write, os.pwrite, os.writev
+    real_write, real_pwrite = os.write, os.pwrite
     monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, memoryview(data)[:7]))
     monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, memoryview(data)[:7], offset))
     monkeypatch.setattr(os, "writev", lambda fd, buffers: real_write(fd, memoryview(buffers[0]).cast("B")[:7]))
