@@ -194,9 +194,49 @@ def _check_inside(path, root):
 def _check_directory(path):
     """A store is a directory: a missing one is an empty store, a file is refused."""
     if os.path.lexists(path) and not os.path.isdir(path):
+        if os.path.islink(path) and not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is a symlink to nothing (dangling, or a loop): point it "
+                                    f"at a store directory, or remove it")
         hint = " (a .npy file: np.load it, or convert it with python -m mmap_ninja from-npy)" \
             if str(path).endswith(".npy") else ""
         raise NotADirectoryError(f"{path} is a file, not a mmap_ninja store directory{hint}")
+
+
+def _from_one_directory(path, load, undo):
+    """Run load(), which opens a store's files by path one after another, so that they all
+    come from one directory: a re-creation swapping a new directory in meanwhile would mix two
+    stores (one's dtype, the other's data). The directory is held open meanwhile, so its inode
+    cannot be freed and reused; if path names another one afterwards, undo() and load again."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
+        except OSError:  # missing, a file, ...: load says what is wrong
+            return load()
+        try:
+            held = os.fstat(fd)
+            try:
+                result = load()
+            except (OSError, ValueError):  # (files of two stores can look damaged together)
+                if _names(path, held):
+                    raise
+                undo()
+                continue
+            if _names(path, held):
+                return result
+            undo()
+        finally:
+            os.close(fd)
+    raise RuntimeError(f"{path}: the store was re-created 100 times while this process opened "
+                       f"it; open it again once its writer is done")
+
+
+def _names(path, stat):
+    """Whether path names the file (or directory) that stat describes."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)
 
 
 def _read_bytes(path, what, limit=_META_MAX):
@@ -398,14 +438,14 @@ def _read_int64(path, n):
 
 
 def _map(path, nbytes, access=mmap.ACCESS_READ, what="data", root=None):
-    """Map the first nbytes of path (None for 0 bytes, which mmap cannot map)."""
+    """Map the first nbytes of path (None for 0 bytes, which mmap cannot map); and its stat."""
     fd = _open_fd(path, what, access == mmap.ACCESS_WRITE, root)
     try:
-        size = os.fstat(fd).st_size
-        if not 0 <= nbytes <= size:
-            raise ValueError(f"{path} holds {size} bytes but its metadata needs {nbytes}: the "
+        stat = os.fstat(fd)
+        if not 0 <= nbytes <= stat.st_size:
+            raise ValueError(f"{path} holds {stat.st_size} bytes but its metadata needs {nbytes}: the "
                              f"{what} file is truncated or the store is damaged")
-        return mmap.mmap(fd, nbytes, access=access, **_MMAP_KW) if nbytes else None
+        return (mmap.mmap(fd, nbytes, access=access, **_MMAP_KW) if nbytes else None), stat
     finally:
         os.close(fd)
 
@@ -517,6 +557,9 @@ def _as_sample(value, path, dtype=None):
         arr = np.asarray(value)
     except (ValueError, TypeError) as e:  # ragged nested lists and the like
         raise TypeError(f"{path}: cannot store {type(value).__name__} value as an array: {e}") from e
+    if arr.dtype.kind == "T":
+        raise TypeError(f"{path}: sample {_short(value)} has numpy's variable-width StringDType, "
+                        f"which has no fixed size to store; use StringsMmap, or .astype(str)")
     if arr.dtype.hasobject:
         raise TypeError(f"{path}: sample {_short(value)} is not array-like (numpy gives it "
                         f"object dtype); samples must be numeric, bool, bytes or str arrays")
@@ -566,7 +609,10 @@ def _scalar(length, recorded):
 
 
 def _copy(sample):
-    return np.array(sample, copy=True) if isinstance(sample, np.ndarray) else sample
+    """A writable copy of a sample (of each array of a list of them); other values as they are."""
+    if isinstance(sample, np.ndarray):
+        return np.array(sample, copy=True)
+    return [_copy(s) for s in sample] if type(sample) is list else sample
 
 
 def _is_int(item):
@@ -575,6 +621,10 @@ def _is_int(item):
 
 def _as_indices(item, n, path):
     """A slice, list/array of ints or boolean mask as an int64 array of non-negative indices."""
+    if isinstance(item, tuple):
+        raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
+                        f"boolean mask, got the tuple {_short(item)}; to index within a sample, "
+                        f"read it first (store[i][j])")
     if isinstance(item, slice):
         return np.arange(*item.indices(n), dtype=np.int64)
     idx = np.asarray(item)
@@ -585,9 +635,13 @@ def _as_indices(item, n, path):
         return np.flatnonzero(idx)
     if idx.size == 0:
         return np.zeros(0, np.int64)
+    if idx.dtype.kind == "O" and idx.ndim == 1 and all(map(_is_int, idx.tolist())):
+        raise IndexError(f"{path}: index {max(idx.tolist(), key=abs)} is out of range for {n} samples")
     if idx.dtype.kind not in "iu" or idx.ndim != 1:
         raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
                         f"boolean mask, got {_short(item)}")
+    if idx.dtype.kind == "u" and idx.dtype.itemsize == 8 and idx.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"{path}: index {int(idx.max())} is out of range for {n} samples")
     idx = idx.astype(np.int64, copy=False)
     if idx.view(np.uint64).max() < n:  # the common case, one reduction: negatives wrap to huge
         return idx
@@ -672,7 +726,10 @@ def _creating(out_dir, durable=False):
             yield build
             if durable:
                 _fsync_tree(build)
+            here = _names(".", os.stat(target)) if os.path.isdir(target) else False
             _swap_in(build, target, inside)
+            if here:  # the working directory was the old store: follow the new one
+                os.chdir(target)
             if durable:
                 _fsync_tree(parent, recurse=False)
     except BaseException as e:
@@ -683,7 +740,7 @@ def _creating(out_dir, durable=False):
 
 def _relabel(error, build, shown):
     """Messages about a store being built name the path the user gave, not the hidden one."""
-    for attr in ("args", "strerror", "reason", "filename"):
+    for attr in ("args", "strerror", "reason", "filename", "filename2"):
         value = getattr(error, attr, None)
         if isinstance(value, str) and build in value:
             setattr(error, attr, value.replace(build, shown))
@@ -722,9 +779,7 @@ def _swap_in(build, target, inside):
     lock = _Lock(target)
     try:
         with lock:
-            for name in os.listdir(target):  # files that are not the store's move with it
-                if name.split(".tmp-")[0] not in _FORMAT_NAMES and not name.startswith(".ninja-new-"):
-                    os.rename(os.path.join(target, name), os.path.join(build, name))
+            _move_foreign(target, build)  # files that are not the store's move with it
             if not inside and _exchange(build, target):
                 old = build  # (now holds the old store)
             else:  # entry by entry: type.ninja leaves first and comes back last
@@ -739,6 +794,27 @@ def _swap_in(build, target, inside):
             shutil.rmtree(old)
     finally:
         lock.close()
+
+
+def _move_foreign(target, build):
+    """Move the entries of target that are not the format's (the user's files) into build;
+    if one cannot move (a mount point, an immutable file, an interrupt), move back those that
+    did and raise: the build is then removed, and the user's files must not go with it."""
+    moved = []
+    try:
+        for name in os.listdir(target):
+            if name.split(".tmp-")[0] not in _FORMAT_NAMES and not name.startswith(".ninja-new-"):
+                os.rename(os.path.join(target, name), os.path.join(build, name))
+                moved.append(name)
+    except BaseException as e:
+        failed = name
+        for name in reversed(moved):
+            os.rename(os.path.join(build, name), os.path.join(target, name))
+        if isinstance(e, OSError):
+            raise type(e)(e.errno, f"{target}: cannot move {failed!r}, which is not the store's, into "
+                                   f"the new store ({e.strerror}); the old store and every file "
+                                   f"are kept where they were") from e
+        raise
 
 
 def _exchange(a, b):
@@ -1054,8 +1130,9 @@ class Wrapped:
     """Apply ``wrapper_fn`` lazily to each sample of ``data`` on ``__getitem__``.
 
     By default the sample is copied first, so ``wrapper_fn`` gets a writable array it owns
-    (``torch.from_numpy`` then warns about nothing). A slice or list index gives a list.
-    Pickles small when ``data`` is one of this module's stores.
+    (``torch.from_numpy`` then warns about nothing). As in the published package, a slice or
+    list index passes ``data[item]`` (a batch array for a numpy store) to one call of
+    ``wrapper_fn``. Pickles small when ``data`` is one of this module's stores.
     """
 
     def __init__(self, data, wrapper_fn, copy_before_wrapper_fn=True):
@@ -1067,9 +1144,7 @@ class Wrapped:
         return self.wrapper_fn(_copy(sample) if self.copy_before_wrapper_fn else sample)
 
     def __getitem__(self, item):
-        if _is_int(item):
-            return self._wrap(self.data[item])
-        return [self._wrap(self.data[int(i)]) for i in _as_indices(item, len(self.data), "Wrapped")]
+        return self._wrap(self.data[item])
 
     def __len__(self):
         return len(self.data)
@@ -1103,6 +1178,10 @@ def _reopen_memmap(out_dir, mode, shape):
 
 def _open_memmap(out_dir, mode="r", rows=None):
     out_dir = os.fspath(out_dir)
+    return _from_one_directory(out_dir, lambda: _map_memmap(out_dir, mode, rows), lambda: None)
+
+
+def _map_memmap(out_dir, mode, rows):
     if mode not in ("r", "r+", "c"):
         raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
     _check_directory(out_dir)
@@ -1141,10 +1220,20 @@ def np_empty(out_dir, dtype, shape, order="C"):
     """Create a numpy store of zeros and return it as a writable ``np.memmap``."""
     dtype = np.dtype(dtype)
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(a) for a in shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if min(shape, default=0) < 0 or nbytes >= 1 << 63:
+        raise ValueError(f"{out_dir}: cannot make a store of shape {shape} and dtype {dtype}: axes "
+                         f"must be >= 0 and the data smaller than 2**63 bytes")
     with _creating(out_dir) as build:
         _write_meta(build, dtype, shape, order, data=b"")
-        with open(os.path.join(build, "data.ninja"), "r+b") as f:
-            f.truncate(max(math.prod(shape) * dtype.itemsize, 1))
+        fd = _open_fd(os.path.join(build, "data.ninja"), "data", True, build)
+        try:  # blocks allocated now: on a full disk, ENOSPC here rather than SIGBUS at first write
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, max(nbytes, 1))
+            else:  # pragma: no cover - macOS, Windows: a sparse file
+                os.ftruncate(fd, max(nbytes, 1))
+        finally:
+            os.close(fd)
     return _open_memmap(out_dir, "r+")
 
 
@@ -1624,6 +1713,7 @@ class _Sequence:
             self._writer.__del__()
             self._writer = None
         maps, self._maps = self._maps, []
+        self._data_id = None  # (device, inode) of the data file mapped: see __setitem__
         self._unmap()
         self._io.close()
         self._io.data = self._io.mm = self._source = None
@@ -1698,6 +1788,10 @@ class _Sequence:
         with self._lock():
             if i >= self._mapped:
                 self._ensure_mapped(i + 1)
+                if i >= self._mapped:
+                    raise IndexError(f"{self.out_dir}: sample {i} is gone: the store now holds "
+                                     f"{self._mapped} samples (re-created or replaced since this "
+                                     f"object opened it); open it again")
             self._check_page(i >> 9)
             return self[i] if self._checked[i >> 9] else self._sample(i)
 
@@ -1828,27 +1922,38 @@ class _Sequence:
         if not any(c in self.mode for c in "+wc"):
             raise ValueError(f"{d} is open read-only (mode={self.mode!r}): open it with "
                              f"mode='r+' to replace samples in place")
-        if _is_int(key):
-            keys, values = [self._position(int(key))], [value]
-        else:
-            keys = _as_indices(key, self._n, d).tolist()
-            values = list(value)
-            if len(values) != len(keys):
-                raise ValueError(f"{d}: {len(values)} values for {len(keys)} samples")
-        with self._lock():
-            writes = [self._encode_replacement(i, v) for i, v in zip(keys, values)]  # all checked first
-            if self.mode == "c":  # copy-on-write: into this process's private map only
-                data = self._data.view(np.uint8)
-                for offset, chunk in writes:
+        if self.mode == "c":  # copy-on-write: into this process's private map only
+            with self._lock():
+                data = self._private_bytes()
+                for offset, chunk in self._replacements(key, value):
                     data[offset:offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
-                return
+            return
+        # under the store's lock, so that no append, re-creation or other replacement runs
+        # meanwhile; an object that outlives a re-creation replaces samples of the new store
+        with self._writing(create=False) as writer:
             fd = _open_fd(os.path.join(d, "data.ninja"), "data", True, d)
             try:
+                stat = os.fstat(fd)
+                if (stat.st_dev, stat.st_ino) != self._data_id:
+                    self._appended(writer.n)  # mapped from a store since replaced: map this one
+                    self._ensure_mapped(writer.n)
+                writes = self._replacements(key, value)
                 with _naming(d):
                     for offset, chunk in writes:
                         _write_bytes(fd, chunk, offset)
             finally:
                 os.close(fd)
+
+    def _replacements(self, key, value):
+        """(byte offset, bytes) of each replacement, every one checked before any is written."""
+        if _is_int(key):
+            keys, values = [self._position(int(key))], [value]
+        else:
+            keys = _as_indices(key, self._n, self.out_dir).tolist()
+            values = list(value)
+            if len(values) != len(keys):
+                raise ValueError(f"{self.out_dir}: {len(values)} values for {len(keys)} samples")
+        return [self._encode_replacement(i, v) for i, v in zip(keys, values)]
 
     def set_single(self, item, value):
         self[int(item)] = value
@@ -1864,9 +1969,10 @@ class _Sequence:
         return self._mutex
 
     @contextlib.contextmanager
-    def _writing(self, dtype=np.float64, nested=False):
+    def _writing(self, dtype=np.float64, nested=False, create=True):
         """Hold the store's write lock (creating the store, with dtype and nested shapes, if the
-        directory has none) and yield its writer, synced with what other writers committed."""
+        directory has none and create) and yield its writer, synced with what other writers
+        committed."""
         d = self.out_dir
         with self._lock(), _naming(d):
             self._check_open()
@@ -1876,17 +1982,25 @@ class _Sequence:
                 writer = self._writer = None
             if writer is None:
                 _check_directory(d)
+                if not create and not os.path.isdir(d):
+                    raise FileNotFoundError(f"{d} does not exist: there is no sample to replace")
                 os.makedirs(d, exist_ok=True)
                 writer = self._writer = _SequenceWriter(d, self.durable, raw=self._kind == "string")
-            while True:
+            for _ in range(100):
                 writer.lock.__enter__()
                 if not writer.stale():
                     break
                 writer.lock.__exit__()  # re-created meanwhile: lock and read the new store
                 writer.close()
                 writer.lock.close()
+            else:
+                raise RuntimeError(f"{d} names a deleted directory (re-created while this process's "
+                                   f"working directory was inside it?); use an absolute path")
             try:
                 if not os.path.lexists(os.path.join(d, "type.ninja")) and not _is_store(d, self._kind):
+                    if not create:
+                        raise FileNotFoundError(f"{d} holds no store (removed, or being created): "
+                                                f"there is no sample to replace")
                     _clear_unfinished(d)  # what a creation killed before its end left
                     _dtype_to_text(dtype, d)  # refuse a dtype before writing anything
                     _create_sequence(d, dtype, nested, raw=writer.raw, durable=self.durable)
@@ -1922,7 +2036,7 @@ class _Sequence:
                     self._reload(n)
 
     def _reload(self, snapshot):
-        self._load(snapshot)  # the subclass maps its files
+        _from_one_directory(self.out_dir, lambda: self._load(snapshot), lambda: self._release(keep_writer=True))
         self._loaded = True
 
     def _map_offsets(self, snapshot):
@@ -1957,7 +2071,9 @@ class _Sequence:
 
     def _map(self, path, nbytes, access=mmap.ACCESS_READ, what="data"):
         """_map, kept to be closed with the store."""
-        mm = _map(path, nbytes, access, what, self.out_dir)
+        mm, stat = _map(path, nbytes, access, what, self.out_dir)
+        if what != "index":  # the data file: __setitem__ checks that it is still the store's
+            self._data_id = stat.st_dev, stat.st_ino
         if mm is not None:
             self._maps.append(mm)
         return mm
@@ -2057,7 +2173,7 @@ class RaggedMmap(_Sequence):
                          flattened_shapes_key=flattened_shapes_key), "RaggedMmap")
         if mode not in ("r", "r+", "c"):
             raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
-        self.out_dir = os.fspath(out_dir)
+        self.out_dir = os.path.abspath(out_dir)  # (a relative one would follow the working directory)
         self.wrapper_fn = wrapper_fn
         self.mode = mode
         self.copy_before_wrapper_fn = copy_before_wrapper_fn
@@ -2073,6 +2189,9 @@ class RaggedMmap(_Sequence):
     def _unmap(self):
         _Sequence._unmap(self)
         self._layout.unmap()
+
+    def _private_bytes(self):
+        return self._data.view(np.uint8)
 
     def _drop_arrays(self):
         self._data = self._shape_data = self._shape_starts = self._shape_ends = self._shape_ndims = None
@@ -2126,7 +2245,7 @@ class RaggedMmap(_Sequence):
             sample = self._source[start:end]  # (the data, or while it is cold a _ReadAhead)
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._read_one(self._position(item))
-        except TypeError:  # a slice, a list, a mask: start/end are not ints
+        except (TypeError, NotImplementedError):  # a slice, a list, a mask: start/end are not ints
             return self._read_many(item)
         if self._nested:  # (pages holding a scalar sample take the slow path: see _sample)
             sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
@@ -2169,7 +2288,9 @@ class RaggedMmap(_Sequence):
             axes = np.append(np.asarray(self._shape_data[a[0]:b[-1]]), 1)  # (a 1 for trailing 0-d shapes)
             products = np.multiply.reduceat(axes, a - a[0])
             products[ndims == 0] = 1
-            ok = (ndims == np.asarray(self._shape_ndims[lo:hi])) & (products == sizes) & (axes >= 0).all()
+            # in floats too: an int64 product that wraps around (2**32 * 2**32 == 0) is damage
+            exact = (np.multiply.reduceat(axes.astype(np.float64), a - a[0]) < 2.0 ** 62) | (ndims == 0)
+            ok = (ndims == np.asarray(self._shape_ndims[lo:hi])) & (products == sizes) & exact & (axes >= 0).all()
             scalars = ndims == 0
         return (None if ok.all() else lo + int(ok.argmin())), not scalars.any()
 
@@ -2358,7 +2479,8 @@ class RaggedMmap(_Sequence):
         chooses the dtype (unless ``dtype`` is given); the others must cast to it exactly."""
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key, shapes_key=shapes_key,
                          flattened_shapes_key=flattened_shapes_key), "RaggedMmap.from_lists")
-        arrays = [_as_sample(x if dtype is None else np.asarray(x, dtype=dtype), out_dir) for x in lists]
+        dtype = None if dtype is None else np.dtype(dtype)
+        arrays = [_as_sample(x, out_dir, dtype) for x in lists]  # (dtype: cast as appends are)
         return cls._from_samples(out_dir, arrays, len(arrays) or 1, dtype, mode, wrapper_fn,
                                  copy_before_wrapper_fn, durable)
 
@@ -2392,7 +2514,8 @@ class RaggedMmap(_Sequence):
     def _from_samples(cls, out_dir, samples, batch_size, dtype, mode, wrapper_fn, copy_before_wrapper_fn,
                       durable):
         if dtype is not None:
-            samples = (np.asarray(s, dtype=dtype) for s in samples)
+            dtype = np.dtype(dtype)
+            samples = (_as_sample(s, out_dir, dtype) for s in samples)
         with _creating(out_dir, durable) as build:
             with cls(build, durable=durable) as builder:
                 _write_batches(samples, batch_size, builder.extend)
@@ -2477,7 +2600,8 @@ class _Layout:
             shapes = store._gather("_shape_data", slice(lo * ndim, hi * ndim)).reshape(hi - lo, ndim)
             starts, ends = store._gather("_starts", slice(lo, hi)), store._gather("_ends", slice(lo, hi))
             if not (int(starts[0]) == (store._ends[lo - 1] if lo else 0) and (shapes >= 0).all()
-                    and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))):
+                    and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))
+                    and (shapes.astype(np.float64).prod(axis=1) < 2.0 ** 62).all()):  # (no int64 wrap-around)
                 self.ndim = -1
                 break
             self.lo, self.hi = _axis_bounds(shapes, None if self.lo is None else (self.lo, self.hi))
@@ -2587,8 +2711,20 @@ def _padded(store, idx, pad_value):
                          f"dimensions, got {sorted(ndims)}-dimensional ones")
     ndim, k = ndims.pop() if ndims else 1, len(idx)
     shapes = np.asarray(shapes, np.int64).reshape(k, ndim)
-    store._ask(idx, math.prod(shapes.max(axis=0).tolist()) if k else 0)  # (gathers read a padded span)
-    pad = np.full((), pad_value, dtype=store._dtype or np.float64)
+    largest, size = math.prod(shapes.max(axis=0).tolist()) if k else 0, store._data.itemsize
+    padded = k * largest * size  # (bytes; their data's size is summed only when this is large)
+    if padded > _PAD_LIMIT and padded > 4 * size * int(store._gather("_ends", idx).sum() - starts.sum()):
+        raise ValueError(f"{store.out_dir}: padding these {k} samples to shape {tuple(shapes.max(axis=0).tolist())} "
+                         f"would allocate {padded} bytes, over 1 GiB and 4 times their data: "
+                         f"pad fewer samples at a time, or group samples of similar shapes")
+    store._ask(idx, largest)  # (gathers read a padded span)
+    dtype = np.dtype(store._dtype or np.float64)  # the pad is cast as appends are; 0 is any dtype's zero
+    try:
+        pad = np.zeros((), dtype) if type(pad_value) is int and pad_value == 0 else \
+            _cast(np.asarray(pad_value), dtype, store.out_dir).reshape(())
+    except TypeError as e:
+        raise TypeError(f"{store.out_dir}: pad_value={pad_value!r} would change in this store's dtype "
+                        f"{dtype}; pass a value it holds exactly") from e
     if not k or ndim == 0:  # nothing, or one element per sample
         return (store._data[starts] if k else np.full((0,) + (0,) * ndim, pad)), shapes
     # which axes vary: known for the whole store when its shapes are regular, else per batch
@@ -2703,6 +2839,10 @@ class _Windows(dict):
         self[code] = window
         return window
 
+
+# get_padded refuses to allocate more than this when it is also 4 times the samples' data: a
+# huge padded shape (a few outliers, or shapes that damage made huge) is an error, not a swap storm
+_PAD_LIMIT = 1 << 30
 
 # get_padded gathers images through tables of byte masks only while a table stays this small
 _PAD_MASKS_MAX = 1 << 20
@@ -2872,7 +3012,7 @@ class StringsMmap(_Sequence):
 
     def __init__(self, out_dir, mode="r+b", starts_key="starts", ends_key="ends", *, durable=False):
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key), "StringsMmap")
-        self.out_dir = os.fspath(out_dir)
+        self.out_dir = os.path.abspath(out_dir)  # (a relative one would follow the working directory)
         self.mode = mode
         self.durable = durable
         self._init_state()
@@ -2881,6 +3021,9 @@ class StringsMmap(_Sequence):
     def _init_state(self):
         self._zstd = None  # (compress, decompress) for a zstd store
         _Sequence._init_state(self)
+
+    def _private_bytes(self):
+        return np.frombuffer(self._buf, np.uint8)  # (mapped copy-on-write in mode "c")
 
     def _drop_arrays(self):
         self._buf = None
@@ -2893,7 +3036,8 @@ class StringsMmap(_Sequence):
             self._buf = self._source = b""
             return
         n, end = opened
-        mm = self._map(join(d, "data.ninja"), end, what="strings data")
+        access = mmap.ACCESS_COPY if self.mode == "c" else mmap.ACCESS_READ
+        mm = self._map(join(d, "data.ninja"), end, access, what="strings data")
         self._buf = mm if mm is not None else b""
         self._io.remap(self._buf, mm, join(d, "data.ninja"), 1, self._starts)
         self._zstd = _zstd_codec(d)  # (says at open, not at the first read, if no zstd module)
@@ -2906,7 +3050,7 @@ class StringsMmap(_Sequence):
             raw = self._source[self._starts[item]:self._ends[item]]  # (see RaggedMmap.__getitem__)
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._read_one(self._position(item))
-        except TypeError:  # a slice, a list, a mask
+        except (TypeError, NotImplementedError):  # a slice, a list, a mask
             return self._read_many(item)
         try:
             if self._zstd is None:
@@ -3007,8 +3151,13 @@ class StringsMmap(_Sequence):
             if level is not None and dictionary_size:
                 strings = list(strings)
                 dictionary = _train_dictionary(_utf8(strings, out_dir), int(dictionary_size), out_dir)
-            elif level is not None:
-                _require_zstd(out_dir)
+            if level is not None:  # a level zstd refuses is the caller's error, said now
+                codec = _require_zstd(out_dir)[0]
+                try:
+                    codec(int(level), dictionary)[0](b"mmap_ninja")
+                except Exception as e:  # (each library raises its own error)
+                    raise ValueError(f"{out_dir}: zstd cannot compress at zstd_level={level!r} ({e}); "
+                                     f"use a level from 1 to 22 (3 is zstd's default)") from e
             _create_sequence(build, None, False, raw=True,
                              zstd=None if level is None else (int(level), dictionary), durable=durable)
             with cls(build, durable=durable) as builder:
@@ -3058,6 +3207,11 @@ class ShardedMmap:
         self.paths = [os.fspath(p) for p in shards]
         self.wrapper_fn = wrapper_fn
         self.shards = [open_existing(p, wrapper_fn) for p in self.paths]
+        for path, shard in zip(self.paths, self.shards):
+            data = shard.data if isinstance(shard, Wrapped) else shard
+            if isinstance(data, np.ndarray) and data.ndim == 0:
+                raise ValueError(f"{path} is a 0-d numpy store: one value, not a sequence of "
+                                 f"samples, so it cannot be a shard")
         self._bounds = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
         self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
 
@@ -3094,6 +3248,9 @@ class ShardedMmap:
             kind = "strings" if n and isinstance(indexable[0], str) else "ragged"
         if kind not in _SHARD_WRITERS:
             raise ValueError(f"{out_dir}: kind must be 'ragged', 'strings' or 'numpy', got {kind!r}")
+        if kind == "numpy" and not n:
+            raise ValueError(f"{out_dir}: the indexable is empty, and a numpy store takes its dtype "
+                             f"and row shape from its first item; use kind='ragged', or np_empty")
         bounds = [n * k // num_shards for k in range(num_shards + 1)]
         layout = {"num_shards": num_shards, "length": n, "kind": kind, "bounds": bounds}
         names = _shard_names(out_dir, layout)
@@ -3177,6 +3334,8 @@ def _prefetch(store, idx):
     if hasattr(store, "prefetch"):
         return store.prefetch(idx)
     data = store.data if isinstance(store, Wrapped) else store
+    if not len(idx):
+        return
     if isinstance(data, np.memmap) and isinstance(data.base, mmap.mmap) and data.ndim and data.flags.c_contiguous:
         row = data.strides[0]
         offsets = np.asarray(idx, np.int64) * row + data.offset
@@ -3192,6 +3351,10 @@ _SHARD_WRITERS = {"ragged": lambda path, samples, batch: RaggedMmap.from_generat
 def _write_shard(path, source, start, stop, kind, batch_size):
     """One task of ShardedMmap.from_indexable: source[start:stop] as the store at path (built
     aside and renamed when complete, so safe to run twice). Returns its length."""
+    if kind == "numpy" and start == stop:  # (more shards than items) the first gives the rows
+        first = _as_sample(source[0], path)
+        np_empty(path, first.dtype, (0,) + first.shape)
+        return 0
     store = _SHARD_WRITERS[kind](path, (source[i] for i in range(start, stop)), batch_size)
     return stop - start if store is None else len(store)
 
@@ -3566,9 +3729,11 @@ def main(argv=None):
                             writer.extend(np.ascontiguousarray(source[b:b + batch]))
             print(f"wrote {args.out_dir}")
         else:
-            with open(args.text_file, encoding="utf-8") as f:
+            with open(args.text_file, encoding="utf-8", newline="\n") as f:  # (a lone \r ends no line)
                 try:
-                    StringsMmap.from_generator(args.out_dir, (line.rstrip("\n") for line in f),
+                    lines = (line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
+                             for line in f)
+                    StringsMmap.from_generator(args.out_dir, lines,
                                                args.batch_size, verbose=True)
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{args.text_file} is not UTF-8 text ({e.reason}); nothing "

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -678,6 +679,42 @@ def test_fuzz_damaged_files_give_the_right_data_or_a_clear_error(kind, tmp_path)
     assert int(result.stdout.split()[-3]) > 40  # cases run
 
 
+def misuse_cases(tmp_path):
+    """(what, call): misuses that must raise a standard error naming the store."""
+    r = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3, dtype=np.uint8), np.arange(2, dtype=np.uint8)])
+    RaggedMmap.from_lists(tmp_path / "g", [np.arange(2)] * 2)
+    gone = pickle.loads(pickle.dumps(RaggedMmap(tmp_path / "g")))  # (maps on its first read)
+    RaggedMmap.from_lists(tmp_path / "g", [])
+    np_ninja.from_ndarray(tmp_path / "zero_d", np.array(5))
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    cases = [
+        ("r[()]", lambda: r[()], TypeError, "got the tuple"),
+        ("r[[1, 2**70]]", lambda: r[[1, 2**70]], IndexError, "index 1180591620717411303424 is out of range"),
+        ("r[uint64 2**64-1]", lambda: r[np.array([2**64 - 1], np.uint64)], IndexError, "out of range"),
+        ("pad -1 in uint8", lambda: r.get_padded([0, 1], pad_value=-1), TypeError, "pad_value=-1 would change"),
+        ("pad 0.5 in uint8", lambda: r.get_padded([0, 1], pad_value=0.5), TypeError, "pad_value=0.5 would change"),
+        ("pad nan in uint8", lambda: r.get_padded([0, 1], pad_value=np.nan), TypeError, "pad_value=nan would change"),
+        ("shard of a 0-d store", lambda: ShardedMmap([tmp_path / "zero_d"]), ValueError, "0-d numpy store"),
+        ("dangling symlink", lambda: RaggedMmap(tmp_path / "dangling"), FileNotFoundError, "symlink to nothing"),
+        ("a sample gone", lambda: gone[0], IndexError, "sample 0 is gone: the store now holds 0 samples"),
+    ]
+    if hasattr(np.dtypes, "StringDType"):
+        cases.append(("StringDType", lambda: r.append(np.array(["a"], dtype=np.dtypes.StringDType())),
+                      TypeError, "variable-width StringDType"))
+    if HAS_ZSTD:
+        cases.append(("zstd level 23", lambda: StringsMmap.from_strings(tmp_path / "z", ["a"], zstd_level=23),
+                      ValueError, "zstd cannot compress at zstd_level=23"))
+    return cases
+
+
+def test_misuse_gives_clear_errors(tmp_path):
+    for what, call, error, message in misuse_cases(tmp_path):
+        with pytest.raises(error, match=message) as e:
+            call()
+        assert str(tmp_path) in str(e.value), what
+    assert not (tmp_path / "z").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Samples: what can be stored, and the one cast policy
 # ---------------------------------------------------------------------------------------------
@@ -826,6 +863,26 @@ def test_object_dtype_is_refused(tmp_path):
         np_ninja.from_ndarray(tmp_path / "o", np.array([1, "a", None], dtype=object))
     with pytest.raises(TypeError, match="not array-like"):
         RaggedMmap.from_lists(tmp_path / "r", [{"a": 1}])
+
+
+@pytest.mark.parametrize("how", ["from_lists", "from_generator", "from_indexable"])
+@pytest.mark.parametrize("value, dtype", [([300, 1000], np.uint8), ([1.5, 2.7], np.int32), ([-1], np.uint16),
+                                          ([2**62 + 1], np.float64), (["hello"], "<U2")])
+def test_the_dtype_argument_follows_the_cast_policy(how, value, dtype, tmp_path):
+    """from_*(dtype=...) casts as appends do: values that would change are refused (TypeError),
+    and the old store stays; values that fit are stored exactly."""
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.arange(3)])
+    before = snapshot(d)
+    write = {"from_lists": lambda samples: RaggedMmap.from_lists(d, samples, dtype=dtype),
+             "from_generator": lambda samples: RaggedMmap.from_generator(d, iter(samples), 2, dtype=dtype),
+             "from_indexable": lambda samples: RaggedMmap.from_indexable(d, samples, 2, dtype=dtype)}[how]
+    with pytest.raises(TypeError, match="without losing values|cannot store"):
+        write([np.asarray(value)])
+    assert snapshot(d) == before and hidden_leftovers(d) == []
+    fitting = np.asarray(value[:0] + [1] if np.dtype(dtype).kind != "U" else ["he"])
+    stored = write([fitting])
+    assert stored[0].dtype == np.dtype(dtype) and stored[0].tolist() == fitting.astype(dtype).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1341,6 +1398,93 @@ def test_conversion_memory_is_bounded(kind, tmp_path):
     assert peak < limit * batch * sample_bytes, peak / (batch * sample_bytes)
 
 
+def test_a_failed_swap_keeps_the_users_files(tmp_path, monkeypatch):
+    """The user's files move into the new store just before the swap; when one cannot move (an
+    immutable file, a mount point, an interrupt), those that did go back, nothing is deleted,
+    and the error names the store, not the hidden build."""
+    d = tmp_path / "store"
+    RaggedMmap.from_lists(d, [np.arange(3)])
+    for k in range(10):
+        (d / f"notes-{k}.txt").write_text(str(k))
+    before = snapshot(d)
+    real_rename = os.rename
+
+    def rename_refusing_notes_7(src, dst, *args, **kwargs):
+        if os.path.basename(src) == "notes-7.txt":
+            raise PermissionError(errno.EPERM, "Operation not permitted", src)
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename_refusing_notes_7)
+    with pytest.raises(PermissionError, match="cannot move 'notes-7.txt'.*every file are kept") as e:
+        RaggedMmap.from_lists(d, [np.arange(5)])
+    assert ".ninja-new-" not in str(e.value)
+    monkeypatch.undo()
+    assert snapshot(d) == before and hidden_leftovers(d) == []
+    assert_same_samples(RaggedMmap(d)[:], [np.arange(3)])
+
+
+def test_creating_the_working_directory_follows_it(tmp_path):
+    """from_*(".") replaces the working directory with a new one: the process follows it, so
+    the object returned and later appends see the new store (before, they saw a deleted
+    directory: 0 samples, and appends spun forever)."""
+    d = tmp_path / "here"
+    RaggedMmap.from_lists(d, [np.arange(9)])
+    result = run_python("""
+        import os, numpy as np, mmap_ninja as mn
+        r = mn.RaggedMmap.from_lists(".", [np.arange(2), np.arange(3)])
+        r.append(np.arange(4))
+        s = mn.RaggedMmap(".")
+        print(len(r), len(s), os.getcwd() == os.path.realpath(r.out_dir))
+        """, cwd=d, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "3", "True"]
+    assert [len(x) for x in RaggedMmap(d)] == [2, 3, 4]
+
+
+def test_objects_keep_their_store_when_the_working_directory_changes(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    store = RaggedMmap.from_lists("r", [np.arange(3)])
+    assert store.out_dir == str(tmp_path / "a" / "r")
+    monkeypatch.chdir(tmp_path)
+    store.append(np.arange(2))
+    assert [len(x) for x in RaggedMmap(tmp_path / "a" / "r")] == [3, 2] and not (tmp_path / "r").exists()
+
+
+READERS_AND_RECREATIONS = """
+import sys, numpy as np, mmap_ninja as mn
+d, kind = sys.argv[1], sys.argv[2]
+for k in range(400):
+    dtype = np.int32 if k % 2 else np.int16
+    if kind == "numpy":
+        mn.np_from_ndarray(d, np.full((500, 4), 1000 + k % 2, dtype))
+    else:
+        mn.RaggedMmap.from_lists(d, [np.full(4, 1000 + k % 2, dtype)] * 500)
+"""
+
+
+@pytest.mark.parametrize("kind", ["ragged", "numpy"])
+def test_readers_never_mix_two_stores_while_one_is_recreated(kind, tmp_path):
+    """Re-creations alternate int16 and int32 stores of the same shape; a reader opening the
+    store meanwhile must get one of them whole: never one's dtype over the other's bytes
+    (which reads [1000, 0, 1000, 0]), never a false 'damaged'."""
+    d = str(tmp_path / "s")
+    subprocess.run([sys.executable, "-c", READERS_AND_RECREATIONS.replace("range(400)", "range(1)"), d, kind],
+                   env=dict(os.environ, PYTHONPATH=str(HERE)), check=True)
+    writer = subprocess.Popen([sys.executable, "-c", READERS_AND_RECREATIONS, d, kind],
+                              env=dict(os.environ, PYTHONPATH=str(HERE)))
+    opened = 0
+    try:
+        while writer.poll() is None:
+            store = np_ninja.open_existing(d) if kind == "numpy" else RaggedMmap(d)
+            first, last = store[0], store[len(store) - 1]
+            assert first.tolist() in ([1000] * 4, [1001] * 4) and last.tolist() == first.tolist()
+            opened += 1
+    finally:
+        writer.wait()
+    assert writer.returncode == 0 and opened > 50
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress: tqdm when installed, otherwise a small text bar on stderr
 # ---------------------------------------------------------------------------------------------
@@ -1517,8 +1661,17 @@ def test_wrapped(tmp_path):
     data = np_ninja.from_ndarray(tmp_path / "n", np.arange(6).reshape(3, 2))
     seen = []
     wrapped = Wrapped(data, lambda x: seen.append(x.flags.writeable and x.base is None) or x.sum())
-    assert len(wrapped) == 3 and wrapped[1] == 5 and wrapped[1:] == [5, 9] and list(wrapped) == [1, 5, 9]
-    assert all(seen)  # each call got its own writable copy
+    assert len(wrapped) == 3 and wrapped[1] == 5 and list(wrapped) == [1, 5, 9]
+    # as in the published package, a slice, list or mask is one call on data[item] (a batch)
+    assert wrapped[1:] == 2 + 3 + 4 + 5 and wrapped[[0, 2]] == 0 + 1 + 4 + 5
+    assert wrapped[np.array([True, False, True])] == 0 + 1 + 4 + 5
+    assert all(seen) and len(seen) == 7  # each call got its own writable copy
+    strings = StringsMmap.from_strings(tmp_path / "s", ["ab", "cd", "ef"])
+    assert Wrapped(strings, "|".join)[0:2] == "ab|cd" and Wrapped(strings, str.upper)[2] == "EF"
+    ragged = RaggedMmap.from_lists(tmp_path / "r2", [np.arange(3), np.arange(2)])
+    batch = Wrapped(ragged, lambda samples: samples)[[1, 0]]  # copies of each sample, in a list
+    assert_same_samples(batch, [np.arange(2), np.arange(3)])
+    assert all(sample.base is None for sample in batch)
     no_copy = Wrapped(data, lambda x: x, copy_before_wrapper_fn=False)
     assert isinstance(no_copy[0], np.memmap)
     blob = pickle.dumps(Wrapped(RaggedMmap.from_lists(tmp_path / "r", [np.arange(10**5)]), np.sum))
@@ -1647,6 +1800,29 @@ def test_memmap_pickles_by_path_and_slices_by_value(tmp_path):
     assert type(part) is np.ndarray and part.tolist() == [10, 11, 12]
 
 
+def test_np_empty_allocates_its_blocks_and_checks_its_shape(tmp_path, monkeypatch):
+    """np_empty's zeros take their disk space at creation (a sparse file would let a full disk
+    kill the process with SIGBUS at its first write); a full disk is an OSError naming the
+    store, which is kept; impossible shapes are ValueErrors."""
+    arr = np_ninja.empty(tmp_path / "e", np.float64, (1000, 64))
+    assert arr.shape == (1000, 64) and not arr.any()
+    if hasattr(os, "posix_fallocate"):
+        assert os.stat(tmp_path / "e" / "data.ninja").st_blocks * 512 >= 1000 * 64 * 8
+        before = snapshot(tmp_path / "e")
+
+        def disk_full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "posix_fallocate", disk_full)
+        with pytest.raises(OSError, match=f"No space left on device: cannot create the store {tmp_path / 'e'}"):
+            np_ninja.empty(tmp_path / "e", np.float64, (10**6,))
+        assert snapshot(tmp_path / "e") == before and hidden_leftovers(tmp_path / "e") == []
+    for shape in [(-3, 2), (2**62,), (2**40, 2**40)]:
+        with pytest.raises(ValueError, match=r"cannot make a store of shape .* axes must be >= 0"):
+            np_ninja.empty(tmp_path / "bad", np.float64, shape)
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Sequence stores (ragged and strings): the writer and the snapshot reader
 # ---------------------------------------------------------------------------------------------
@@ -1728,6 +1904,45 @@ def test_hot_path_keeps_attribute_access_specializable():
     # A class-level __getattr__ makes every self.x on the read path ~70 ns slower.
     for cls in (RaggedMmap, StringsMmap):
         assert all("__getattr__" not in vars(c) for c in cls.__mro__ if c is not object)
+
+
+@pytest.mark.parametrize("kind", ["ragged", "strings"])
+def test_replacing_in_place_after_a_recreation_writes_the_new_store(kind, tmp_path):
+    """An object that outlives a re-creation replaces samples of the new store, at the new
+    store's offsets and under its lock, as its appends do; a replacement that does not fit
+    the new sample is refused, the store unchanged."""
+    d = tmp_path / "s"
+    if kind == "ragged":
+        RaggedMmap.from_lists(d, [np.arange(4, dtype=np.int32), np.arange(4, dtype=np.int32)])
+        editor = RaggedMmap(d, mode="r+")
+        RaggedMmap.from_lists(d, [np.full(1, 7, np.int32), np.full(7, 8, np.int32)])
+        before = snapshot(d)
+        with pytest.raises(ValueError, match="sample 1 has 7 elements"):
+            editor[1] = np.full(4, -1, np.int32)  # meant for the old sample 1
+        assert snapshot(d) == before
+        editor[1] = np.full(7, -1, np.int32)
+        assert_same_samples(RaggedMmap(d)[:], [np.full(1, 7, np.int32), np.full(7, -1, np.int32)])
+    else:
+        StringsMmap.from_strings(d, ["abc", "def"])
+        editor = StringsMmap(d)
+        StringsMmap.from_strings(d, ["x", "yyyyyyy"])
+        before = snapshot(d)
+        with pytest.raises(ValueError, match="string 1 is 7 UTF-8 bytes"):
+            editor[1] = "ZZZ"
+        assert snapshot(d) == before
+        editor[1] = "ZZZZZZZ"
+        assert StringsMmap(d)[:] == ["x", "ZZZZZZZ"]
+
+
+@pytest.mark.parametrize("kind", ["ragged", "strings"])
+def test_replacing_in_a_removed_store_is_refused(kind, tmp_path):
+    d = tmp_path / "s"
+    store = make_store(kind, d)
+    editor = type(store)(d, mode="r+") if kind == "ragged" else StringsMmap(d)
+    shutil.rmtree(d)
+    with pytest.raises(FileNotFoundError, match="no sample to replace"):
+        editor[0] = store[0]
+    assert not d.exists()  # (no empty store made on the way)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2204,6 +2419,39 @@ def test_batch_views_write_through_in_r_plus(tmp_path):
     assert again[1].tolist() == [[0, 0], [0, 0], [0, 7]] and again[0].tolist() == [[0, 0, 8], [0, 0, 0]]
 
 
+def write_first_shape(store_dir, axes):
+    """Overwrite the first recorded axes of a nested store's first sample."""
+    path = store_dir / "shapes" / "data.ninja"
+    raw = bytearray(path.read_bytes())
+    raw[:8 * len(axes)] = b"".join(int(a).to_bytes(8, "little") for a in axes)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("layout", ["regular", "irregular"])
+def test_hostile_shapes_never_reach_an_allocation(layout, tmp_path):
+    """A recorded shape whose int64 product wraps around ((2**32, 2**32) reads as 0 elements)
+    is damage, reported naming the store; a zero-size sample claiming (0, 2**40) is a valid
+    shape, but get_padded refuses to allocate terabytes for it."""
+    d = tmp_path / "n"
+    samples = [np.zeros((0, 3), np.uint8), np.ones((2, 2), np.uint8)] + ([np.ones((1, 1, 1), np.uint8)] if layout == "irregular" else [])
+    RaggedMmap.from_lists(d, samples)
+    write_first_shape(d, (2**32, 2**32))
+    store = RaggedMmap(d)
+    damaged = r"sample 0 spans elements 0 to 0, which does not fit its recorded shape \(4294967296, 4294967296\)"
+    for read in (lambda: store[0], lambda: store[[0, 1]], lambda: store.get_padded([0, 1]), lambda: list(store)):
+        with pytest.raises(ValueError, match=damaged):
+            read()
+    assert cli("verify", d).returncode == 1
+    RaggedMmap.from_lists(d, samples)
+    write_first_shape(d, (0, 2**40))
+    store = RaggedMmap(d)
+    assert store[0].shape == (0, 2**40) and store.shape_of(0) == (0, 2**40)
+    with pytest.raises(ValueError, match=r"padding these 2 samples to shape \(2, 1099511627776\) would allocate"):
+        store.get_padded([0, 1])
+    batch, shapes = store.get_padded([1])
+    assert batch.tolist() == [[[1, 1], [1, 1]]] and shapes.tolist() == [[2, 2]]
+
+
 # ---------------------------------------------------------------------------------------------
 # string: StringsMmap, a sequence of str
 # ---------------------------------------------------------------------------------------------
@@ -2299,6 +2547,18 @@ def test_training_a_zstd_dictionary_on_too_little_text(tmp_path):
     with pytest.raises(ValueError, match="cannot train a zstd dictionary of 100000 bytes on 2 strings.*pass more"):
         StringsMmap.from_strings(tmp_path / "z", ["a", "b"], zstd_level=3, zstd_train_dictionary_size=100_000)
     assert not (tmp_path / "z").exists()
+
+
+def test_strings_copy_on_write(tmp_path):
+    """mode='c' replaces strings in this process's private map only; the file is unchanged."""
+    d = tmp_path / "s"
+    StringsMmap.from_strings(d, ["abc", "dé", "f"])
+    before = snapshot(d)
+    private = open_existing(d, mode="c")
+    private[0] = "xyz"
+    private[[1, 2]] = ["ZZ"[:1] + "é", "g"]
+    assert private[:] == ["xyz", "Zé", "g"] and StringsMmap(d)[:] == ["abc", "dé", "f"]
+    assert snapshot(d) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2541,6 +2801,19 @@ def test_readme_dask_recipe(tmp_path):
     assert_same_samples(list(ShardedMmap(tmp_path / "images-sharded")), list(RaggedMmap(tmp_path / "images")))
 
 
+def test_numpy_shards_when_there_are_more_shards_than_items(tmp_path):
+    """An empty numpy shard still has the dtype and row shape of the items (from the first),
+    so the conversion finishes; an empty source is refused up front for numpy."""
+    items = np.arange(6, dtype=np.int16).reshape(3, 2)
+    sharded = ShardedMmap.from_indexable(tmp_path / "out", items, 5, kind="numpy",
+                                         executor=ThreadPoolExecutor(2))
+    assert len(sharded) == 3 and [int(x.sum()) for x in sharded[:]] == [1, 5, 9]
+    assert [len(s) for s in sharded.shards] == [0, 1, 0, 1, 1]
+    assert all(s.dtype == np.int16 and s.shape[1:] == (2,) for s in sharded.shards)
+    with pytest.raises(ValueError, match="the indexable is empty, and a numpy store"):
+        ShardedMmap.from_indexable(tmp_path / "none", np.zeros((0, 2)), 2, kind="numpy")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training loops: epochs over data bigger than RAM
 # ---------------------------------------------------------------------------------------------
@@ -2724,6 +2997,19 @@ def test_torch_from_numpy_gets_writable_samples(tmp_path):
         assert Wrapped(RaggedMmap(tmp_path / "r"), torch.from_numpy)[0].tolist() == [0, 1, 2]
 
 
+def test_quasi_random_over_large_rows_and_tiny_stores(tmp_path):
+    """Windows can be empty (rows larger than a block, fewer rows than ranks): every kind
+    still yields each sample once per epoch, and prefetching an empty window does nothing."""
+    big = np_ninja.from_ndarray(tmp_path / "big", np.zeros((16, 256, 1024), np.float32))  # 1 MB rows
+    tiny = np_ninja.from_ndarray(tmp_path / "tiny", np.zeros((3, 2), np.int8))
+    for store in (big, tiny):
+        sampler = mmap_ninja.QuasiRandomSampler(store, batch_size=4, block_bytes=1 << 16)
+        seen = [i for batch in sampler for i in batch]
+        assert sorted(seen) == list(range(len(store)))
+    ranks = [list(mmap_ninja.QuasiRandomSampler(tiny, batch_size=1, world_size=5, rank=r)) for r in range(5)]
+    assert all(len(batches) == 1 for batches in ranks)  # padded to 5 rank slots, as DistributedSampler
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: python -m mmap_ninja info|verify|from-npy|from-lines
 # ---------------------------------------------------------------------------------------------
@@ -2815,6 +3101,16 @@ def test_version_matches_pyproject():
 def test_running_the_file_directly(tmp_path):
     result = subprocess.run([sys.executable, str(HERE / "mmap_ninja.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "verify" in result.stdout
+
+
+def test_cli_from_lines_ends_lines_at_newlines_only(tmp_path):
+    """A stray carriage return inside a line stays in its string: only \\n (or \\r\\n) ends a
+    line, so strings stay aligned with parallel files of labels."""
+    text = tmp_path / "lines.txt"
+    text.write_bytes(b"first line\rwith a stray CR\nsecond line\r\nthird\n\nlast without newline")
+    assert cli("from-lines", text, tmp_path / "s").returncode == 0
+    assert StringsMmap(tmp_path / "s")[:] == ["first line\rwith a stray CR", "second line", "third", "",
+                                               "last without newline"]
 
 
 # ---------------------------------------------------------------------------------------------
