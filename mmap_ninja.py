@@ -1310,6 +1310,15 @@ class _NumpyWriter:
         self.fd = self.shape_fd = None
 
     def __enter__(self):
+        for _ in range(100):
+            self._open()
+            if self.lock.current():  # (the files opened by path are the locked store's)
+                return self
+            self.__exit__()  # re-created between the lock and the opens: lock the new one
+        raise RuntimeError(f"{self.out_dir}: the store was re-created 100 times while this process "
+                           f"opened it; append once its writer is done")
+
+    def _open(self):
         _check_directory(self.out_dir)
         if _read_kind(self.out_dir) != "numpy":
             raise ValueError(f"{self.out_dir} is not a numpy store; only numpy stores extend by rows")
@@ -1331,7 +1340,6 @@ class _NumpyWriter:
         except BaseException:
             self.__exit__()
             raise
-        return self
 
     def __exit__(self, *exc):
         for fd in (self.fd, self.shape_fd):

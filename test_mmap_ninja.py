@@ -1823,6 +1823,30 @@ def test_np_empty_allocates_its_blocks_and_checks_its_shape(tmp_path, monkeypatc
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.skipif(mmap_ninja.fcntl is None, reason="no flock on this platform")
+def test_a_numpy_writer_racing_a_recreation_locks_the_new_store(tmp_path, monkeypatch):
+    """Another process re-creates the store between the writer opening its directory and
+    locking it: the writer must end up holding the lock of the store it writes to (the new
+    one), not of the deleted directory, or two writers could append at once."""
+    d = tmp_path / "n"
+    np_ninja.from_ndarray(d, np.zeros((2, 3)))
+    real_flock = mmap_ninja.fcntl.flock
+    raced = []
+
+    def flock_after_a_recreation(fd, operation):
+        if not raced and operation == mmap_ninja.fcntl.LOCK_EX:
+            raced.append(run_python(f"import numpy as np, mmap_ninja as mn; "
+                                    f"mn.np_from_ndarray({str(d)!r}, np.ones((4, 3)))").returncode)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(mmap_ninja.fcntl, "flock", flock_after_a_recreation)
+    with mmap_ninja._NumpyWriter(str(d)) as writer:
+        assert raced == [0] and writer.rows == 4
+        assert os.fstat(writer.lock.fd).st_ino == os.stat(d).st_ino
+        writer.extend(np.full((1, 3), 7.0))
+    assert np_ninja.open_existing(d).tolist() == [[1.0] * 3] * 4 + [[7.0] * 3]
+
+
 # ---------------------------------------------------------------------------------------------
 # Sequence stores (ragged and strings): the writer and the snapshot reader
 # ---------------------------------------------------------------------------------------------
