@@ -800,16 +800,17 @@ def _move_foreign(target, build):
     """Move the entries of target that are not the format's (the user's files) into build;
     if one cannot move (a mount point, an immutable file, an interrupt), move back those that
     did and raise: the build is then removed, and the user's files must not go with it."""
-    moved = []
+    moved, name = [], None
     try:
         for name in os.listdir(target):
             if name.split(".tmp-")[0] not in _FORMAT_NAMES and not name.startswith(".ninja-new-"):
+                moved.append(name)  # (first: an interrupt may land between the two)
                 os.rename(os.path.join(target, name), os.path.join(build, name))
-                moved.append(name)
     except BaseException as e:
         failed = name
         for name in reversed(moved):
-            os.rename(os.path.join(build, name), os.path.join(target, name))
+            if os.path.lexists(os.path.join(build, name)):
+                os.rename(os.path.join(build, name), os.path.join(target, name))
         if isinstance(e, OSError):
             raise type(e)(e.errno, f"{target}: cannot move {failed!r}, which is not the store's, into "
                                    f"the new store ({e.strerror}); the old store and every file "
@@ -1932,8 +1933,9 @@ class _Sequence:
                              f"mode='r+' to replace samples in place")
         if self.mode == "c":  # copy-on-write: into this process's private map only
             with self._lock():
+                writes = self._replacements(key, value)  # (may map the store anew: then take its bytes)
                 data = self._private_bytes()
-                for offset, chunk in self._replacements(key, value):
+                for offset, chunk in writes:
                     data[offset:offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
             return
         # under the store's lock, so that no append, re-creation or other replacement runs

@@ -2574,15 +2574,19 @@ def test_training_a_zstd_dictionary_on_too_little_text(tmp_path):
 
 
 def test_strings_copy_on_write(tmp_path):
-    """mode='c' replaces strings in this process's private map only; the file is unchanged."""
+    """mode='c' replaces strings in this process's private map only; the file is unchanged.
+    Appends go to the file (in any mode); a replacement after one lands in the new map."""
     d = tmp_path / "s"
     StringsMmap.from_strings(d, ["abc", "dé", "f"])
     before = snapshot(d)
     private = open_existing(d, mode="c")
     private[0] = "xyz"
-    private[[1, 2]] = ["ZZ"[:1] + "é", "g"]
+    private[[1, 2]] = ["Zé", "g"]
     assert private[:] == ["xyz", "Zé", "g"] and StringsMmap(d)[:] == ["abc", "dé", "f"]
     assert snapshot(d) == before
+    private.append("new")
+    private[3] = "NEW"
+    assert private[3] == "NEW" and StringsMmap(d)[:] == ["abc", "dé", "f", "new"]
 
 
 # ---------------------------------------------------------------------------------------------
