@@ -230,6 +230,13 @@ def _from_one_directory(path, load, undo):
                        f"it; open it again once its writer is done")
 
 
+def _absolute(path):
+    """path made absolute without normalising it (abspath would take link/.. lexically, not
+    where the link leads): a store object keeps its store when the working directory changes."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
 def _names(path, stat):
     """Whether path names the file (or directory) that stat describes."""
     try:
@@ -635,8 +642,11 @@ def _as_indices(item, n, path):
         return np.flatnonzero(idx)
     if idx.size == 0:
         return np.zeros(0, np.int64)
-    if idx.dtype.kind == "O" and idx.ndim == 1 and all(map(_is_int, idx.tolist())):
-        raise IndexError(f"{path}: index {max(idx.tolist(), key=abs)} is out of range for {n} samples")
+    if idx.dtype.kind == "O" and idx.ndim == 1 and all(map(_is_int, idx.tolist())):  # (ints past int64)
+        big = max(idx.tolist(), key=abs)
+        if not -(1 << 63) <= big < 1 << 63:
+            raise IndexError(f"{path}: index {big} is out of range for {n} samples")
+        idx = idx.astype(np.int64)
     if idx.dtype.kind not in "iu" or idx.ndim != 1:
         raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
                         f"boolean mask, got {_short(item)}")
@@ -686,10 +696,7 @@ class _Lock:
     def current(self):
         """Whether the directory locked is still the one at store_dir (a store re-created by
         from_* is swapped in as a new directory)."""
-        if self.fd is None:
-            return True
-        held, there = os.fstat(self.fd), os.stat(self.store_dir)
-        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+        return self.fd is None or _names(self.store_dir, os.fstat(self.fd))
 
     def close(self):
         if self.pid == os.getpid():
@@ -2023,7 +2030,7 @@ class _Sequence:
                 writer.lock.__exit__()
 
     def _position(self, i):
-        n = self._n
+        i, n = operator.index(i), self._n  # (an np.int8 would overflow at i + n)
         if not -n <= i < n:
             raise IndexError(f"{self.out_dir}: index {i} is out of range for {n} samples")
         return i + n if i < 0 else i
@@ -2183,7 +2190,7 @@ class RaggedMmap(_Sequence):
                          flattened_shapes_key=flattened_shapes_key), "RaggedMmap")
         if mode not in ("r", "r+", "c"):
             raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
-        self.out_dir = os.path.abspath(out_dir)  # (a relative one would follow the working directory)
+        self.out_dir = _absolute(out_dir)
         self.wrapper_fn = wrapper_fn
         self.mode = mode
         self.copy_before_wrapper_fn = copy_before_wrapper_fn
@@ -2203,9 +2210,13 @@ class RaggedMmap(_Sequence):
     def _private_bytes(self):
         return self._data.view(np.uint8)
 
+    def close(self):
+        _Sequence.close(self)
+        self._layout.forget()
+
     def _drop_arrays(self):
         self._data = self._shape_data = self._shape_starts = self._shape_ends = self._shape_ndims = None
-        self._flat_shapes = self._shapes_id = None
+        self._flat_shapes = None
 
     def _load(self, snapshot):
         """Map the first `snapshot` samples (all committed ones when None); O(1) in the count."""
@@ -2233,8 +2244,7 @@ class RaggedMmap(_Sequence):
         shapes = _shapes_dir(d)
         self._nested = os.path.isdir(join(shapes, "starts"))
         if self._nested:
-            starts_file = os.stat(join(shapes, "starts", "data.ninja"))
-            self._shapes_id = (starts_file.st_dev, starts_file.st_ino)
+            self._layout.follow(join(shapes, "starts", "data.ninja"))
             self._shape_starts = self._map_column(join(shapes, "starts"), n)
             self._shape_ends = self._map_column(join(shapes, "ends"), n)
             self._shape_ndims = self._map_column(join(shapes, "shapes"), n, (1,))  # (the shapes' lengths)
@@ -2544,6 +2554,15 @@ class RaggedMmap(_Sequence):
 # ragged: batch reads
 ###################################################################################################
 
+# How ragged[indices] runs (every step takes the object's lock; wrapper_fn None):
+#   RaggedMmap.__getitem__        not an int: _Sequence._read_many (locks), then
+#   RaggedMmap._read_selection    a flat store's list of ints: per-key lookups, _from_offsets;
+#                                 anything else: _as_indices, then
+#   RaggedMmap._read_batch        maps, checks the pages of offsets, asks for cold pages, then
+#   RaggedMmap._views             nested: _Layout.window_views below (else _slices); flat: slices.
+# With wrapper_fn, samples are read one by one through __getitem__ (_from_offsets).
+# get_padded: _padded below, then _pad_runs, _pad_blocks or _pad_each.
+#
 # ragged[indices] and get_padded cost less per sample than slicing in-memory arrays. Each trick
 # below is one step numpy does in C where a loop would make one view or copy per sample; each
 # keeps a plain fallback, and a test pins both (test_batch_reads_and_get_padded_match_the_samples
@@ -2577,8 +2596,29 @@ class _Layout:
     remaps of the same shape files (the store only grows: each sample is checked once)."""
 
     def __init__(self):
-        self.ident, self.ndim, self.checked, self.lo, self.hi = None, None, 0, None, None
+        self.fd = self.ident = None
+        self.forget()
         self.unmap()
+
+    def forget(self):
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = self.ident = None
+        self.ndim, self.checked, self.lo, self.hi = None, 0, None, None
+
+    def __del__(self):
+        self.forget()
+
+    def follow(self, path):
+        """Keep the verdict while the store's shape starts file (path) is the same file. It is
+        held open, so that its inode number cannot be reused: ext4 gives a re-created store's
+        file the number of the one it replaced, and a verdict on another store is wrong data."""
+        fd = _open_fd(path, "the shapes' starts")
+        stat = os.fstat(fd)
+        if (stat.st_dev, stat.st_ino) == self.ident:
+            return os.close(fd)
+        self.forget()
+        self.fd, self.ident = fd, (stat.st_dev, stat.st_ino)
 
     def unmap(self):
         self.rows = False  # the shapes as an (n, ndim) array when regular, None when not; False: not yet looked
@@ -2595,8 +2635,6 @@ class _Layout:
         if self.rows is not False:
             return self.rows
         n = store._mapped
-        if self.ident != store._shapes_id:
-            self.ident, self.ndim, self.checked, self.lo, self.hi = store._shapes_id, None, 0, None, None
         while self.ndim != -1 and self.checked < n:  # in chunks: memory stays small for huge stores
             lo, hi = self.checked, min(self.checked + (1 << 20), n)
             a, b = store._gather("_shape_starts", slice(lo, hi)), store._gather("_shape_ends", slice(lo, hi))
@@ -2799,7 +2837,7 @@ def _pad_blocks(store, idx, starts, shapes, max_shape, pad):
     c = math.prod(max_shape[2:])
     width, size = cols * c, data.itemsize
     last = len(data) - width  # full runs start at elements 0..last
-    if last < 0 or not width or not size or (cols + 1) * 2 * rows * width * size > _PAD_MASKS_MAX:
+    if last < 0 or not width or not rows or not size or (cols + 1) * 2 * rows * width * size > _PAD_MASKS_MAX:
         return _pad_each(store, np.full((k,) + max_shape, pad), idx, shapes)
     view = store._layout.run_view(store, width)
     masks, steps = _pad_plan(rows, cols, c, size)
@@ -3026,7 +3064,7 @@ class StringsMmap(_Sequence):
 
     def __init__(self, out_dir, mode="r+b", starts_key="starts", ends_key="ends", *, durable=False):
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key), "StringsMmap")
-        self.out_dir = os.path.abspath(out_dir)  # (a relative one would follow the working directory)
+        self.out_dir = _absolute(out_dir)
         self.mode = mode
         self.durable = durable
         self._init_state()

@@ -1,6 +1,7 @@
 """Tests for mmap_ninja.py. Needs only numpy and pytest: python -m pytest -q"""
 import bisect
 import errno
+import gc
 import json
 import os
 import pathlib
@@ -455,7 +456,8 @@ def test_no_leaked_descriptors(tmp_path):
     StringsMmap.from_strings(tmp_path / "s", ["a", "b"])
     np_ninja.from_ndarray(tmp_path / "n", np.arange(3))
 
-    def count():
+    def count():  # (objects of earlier tests that wait for the cycle collector hold descriptors)
+        gc.collect()
         return len(os.listdir("/proc/self/fd"))
     for _ in range(20):  # warm up caches
         RaggedMmap(tmp_path / "r").close()
@@ -1847,6 +1849,27 @@ def test_a_numpy_writer_racing_a_recreation_locks_the_new_store(tmp_path, monkey
     assert np_ninja.open_existing(d).tolist() == [[1.0] * 3] * 4 + [[7.0] * 3]
 
 
+@linux_only
+def test_a_numpy_writer_whose_store_vanishes_leaks_nothing(tmp_path, monkeypatch):
+    """The store's directory removed by another process right after the writer opened its
+    files: a clear error, and no descriptor (lock or file) left open."""
+    d = tmp_path / "n"
+    real_open = mmap_ninja._NumpyWriter._open
+
+    def open_then_lose_the_store(writer):
+        real_open(writer)
+        if writer.out_dir == str(d):  # (not the builds of from_ndarray)
+            shutil.rmtree(writer.out_dir)
+
+    monkeypatch.setattr(mmap_ninja._NumpyWriter, "_open", open_then_lose_the_store)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        np_ninja.from_ndarray(d, np.zeros((4, 3), np.float32))
+        with pytest.raises(FileNotFoundError, match="type.ninja does not exist"):
+            np_ninja.extend_dir(d, np.ones((1, 3), np.float32))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # Sequence stores (ragged and strings): the writer and the snapshot reader
 # ---------------------------------------------------------------------------------------------
@@ -2219,6 +2242,53 @@ def test_scalar_samples_read_as_python_scalars(tmp_path):
     assert floats[0] == 2.5 and type(floats[0]) is float and floats[1] == 1.0
 
 
+def test_index_forms_numpy_gives(tmp_path):
+    """Object arrays of ints (what np.array of mixed Python ints gives) and small numpy int
+    types index like Python ints, negatives included."""
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(k % 5) for k in range(200)])
+    assert_same_samples(store[np.array([1, 2], dtype=object)], [np.arange(1), np.arange(2)])
+    assert_same_samples([store[np.int8(-1)], store[np.int16(-2)], store[np.uint8(3)]],
+                        [np.arange(4), np.arange(3), np.arange(3)])
+    assert store.shape_of(np.int8(-1)) == (4,)
+    with pytest.raises(IndexError, match="index 1180591620717411303424 is out of range"):
+        store[np.array([1, 2**70], dtype=object)]
+
+
+def test_a_path_through_a_symlink_and_dotdot_is_the_one_the_os_resolves(tmp_path, monkeypatch):
+    """A store object keeps its path absolute but not normalised: link/.. is where the link
+    leads, then up, as the OS resolves it (abspath would drop link/.. on paper)."""
+    (tmp_path / "data" / "sets").mkdir(parents=True)
+    os.symlink(tmp_path / "data" / "sets", tmp_path / "current")
+    monkeypatch.chdir(tmp_path)
+    store = RaggedMmap.from_lists("current/../shared", [np.arange(2), np.arange(3)])
+    assert len(store) == 2 and store.out_dir == str(tmp_path / "current" / ".." / "shared")
+    assert (tmp_path / "data" / "shared" / "type.ninja").exists() and not (tmp_path / "shared").exists()
+    strings = StringsMmap.from_strings("current/../words", ["a", "b"])
+    assert strings[:] == ["a", "b"] and (tmp_path / "data" / "words" / "type.ninja").exists()
+
+
+def test_the_layout_verdict_follows_a_recreated_store(tmp_path):
+    """Batch reads trust a verdict on the shapes kept across remaps of the same shape file.
+    The file is held open, so that a re-created store's file cannot get its inode number
+    (ext4 reuses them at once) and inherit the verdict: after a re-creation with other
+    shapes, reads follow the new store."""
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.zeros((2, 3))] * 4)
+    store = RaggedMmap(d)
+    store[[0, 1]]  # checks the layout: 2-D, regular
+    held = store._layout.fd
+    assert held is not None and os.fstat(held).st_nlink == 1
+    new = [np.arange(8.0).reshape(2, 2, 2), np.arange(8.0, 16).reshape(2, 2, 2)]
+    RaggedMmap.from_lists(d, new)
+    assert os.fstat(held).st_nlink == 0  # (the old file, deleted but held: its number is not reused)
+    store.append(np.full((1, 1, 1), 9.0))  # the object follows the new store
+    assert_same_samples(store[[0, 1, 2]], new + [np.full((1, 1, 1), 9.0)])
+    assert store.get_padded([0, 1])[1].tolist() == [[2, 2, 2], [2, 2, 2]]
+    assert store._layout.fd != held or os.fstat(store._layout.fd).st_nlink == 1
+    store.close()
+    assert store._layout.fd is None
+
+
 # ---------------------------------------------------------------------------------------------
 # ragged: batch reads
 # ---------------------------------------------------------------------------------------------
@@ -2424,7 +2494,7 @@ def test_batch_reads_follow_appends_and_recreation(tmp_path):
     grown = RaggedMmap.from_lists(tmp_path / "g", narrow)
     assert_same_samples(grown[[2, 0]], [narrow[2], narrow[0]])
     grown.extend([np.full((1, 3), 7), np.full((2, 3), 8)] + [np.zeros((2, 3), int)] * 5)  # (the
-    # last samples are read another way: see RaggedMmap._window_views)
+    # last samples are read another way: see _Layout.window_views)
     assert_same_samples(grown[[0, 3, 4, 1]], [narrow[0], np.full((1, 3), 7), np.full((2, 3), 8), narrow[1]])
     other = [np.arange(6).reshape(3, 2), np.arange(4).reshape(1, 4)]
     RaggedMmap.from_lists(path, other)  # recreated while `reader` is open
@@ -2474,6 +2544,14 @@ def test_hostile_shapes_never_reach_an_allocation(layout, tmp_path):
         store.get_padded([0, 1])
     batch, shapes = store.get_padded([1])
     assert batch.tolist() == [[[1, 1], [1, 1]]] and shapes.tolist() == [[2, 2]]
+
+
+def test_get_padded_images_of_height_zero(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.zeros((0, 2, 3)), np.zeros((0, 5, 3)), np.ones((4, 4, 3))])
+    batch, shapes = store.get_padded([0, 1])
+    assert batch.shape == (2, 0, 5, 3) and shapes.tolist() == [[0, 2, 3], [0, 5, 3]]
+    batch, shapes = store.get_padded([0, 1, 2], pad_value=-1)
+    assert batch.shape == (3, 4, 5, 3) and (batch[:2] == -1).all() and (batch[2, :, :4] == 1).all()
 
 
 # ---------------------------------------------------------------------------------------------
