@@ -1638,6 +1638,13 @@ def _offsets_problem(starts, ends, lo, hi, size):
     sample's or do not fit inside size (starts, ends: int64 views), else None."""
     a, b = max(lo - 1, 0), min(hi + 1, len(starts))
     first, last = np.asarray(starts[a:b]), np.asarray(ends[a:b])
+    # A sound page first, in two numpy calls and a memcmp (a read pays for its page's check the
+    # first time, which a cold read of a 2 KB sample notices: a flat store's page check costs
+    # 4.2 us instead of 8.9 with the test below in _page_problem): each sample starts where the
+    # previous one ends and none is negative, so all lie between first[0] and last[-1].
+    if first[1:].tobytes() == last[:-1].tobytes() and (last - first).min() >= 0 and first[0] >= 0 \
+            and last[-1] <= size:
+        return None
     bad = (last < first) | (last > size)
     bad[1:] |= first[1:] != last[:-1]
     if a == 0:
@@ -2297,6 +2304,8 @@ class RaggedMmap(_Sequence):
         sizes = np.asarray(self._ends[lo:hi]) - np.asarray(self._starts[lo:hi])
         if not self._nested:  # (a scalar is recorded as length 0 with one element)
             flat = np.asarray(self._flat_shapes[lo:hi])
+            if sizes.tobytes() == flat.tobytes():  # (so no scalar: 2.4 us less per page)
+                return None, True
             scalars = _scalar(sizes, flat)
             ok = (sizes == flat) | scalars
         else:
