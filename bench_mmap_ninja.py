@@ -516,16 +516,23 @@ def evict(*paths):
 
 def cold_runs(pairs, repeat=3):
     """Median seconds of each (prepare, run) pair, run cold: evict, prepare (open, untimed),
-    run (timed); the pairs interleaved, so that this VM's phases fall on all of them alike."""
+    run (timed). The pairs are interleaved and each round starts one pair later, so that this
+    VM's phases fall on all of them alike; a first round is not timed: on this VM, memory left
+    free for a few seconds (as eviction leaves it) goes back to the host, and the next large
+    read runs at a quarter of its speed while it comes back, whoever reads."""
     times = [[] for _ in pairs]
-    for _ in range(repeat):
-        for (paths, prepare, run), out in zip(pairs, times):
+    for round_ in range(repeat + 1):
+        for k in range(len(pairs)):
+            k = (k + round_) % len(pairs)
+            paths, prepare, run = pairs[k]
             evict(*paths)
             state = prepare()
             t0 = time.perf_counter()
             run(state)
-            out.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
             del state
+            if round_:
+                times[k].append(elapsed)
     return [sorted(t)[len(t) // 2] for t in times]
 
 
