@@ -643,9 +643,9 @@ def _as_indices(item, n, path):
     if idx.size == 0:
         return np.zeros(0, np.int64)
     if idx.dtype.kind == "O" and idx.ndim == 1 and all(map(_is_int, idx.tolist())):  # (ints past int64)
-        big = max(idx.tolist(), key=abs)
-        if not -(1 << 63) <= big < 1 << 63:
-            raise IndexError(f"{path}: index {big} is out of range for {n} samples")
+        big = [v for v in idx.tolist() if not -(1 << 63) <= v < 1 << 63]
+        if big:
+            raise IndexError(f"{path}: index {big[0]} is out of range for {n} samples")
         idx = idx.astype(np.int64)
     if idx.dtype.kind not in "iu" or idx.ndim != 1:
         raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
@@ -1212,10 +1212,11 @@ def _map_memmap(out_dir, mode, rows):
                          f"{nbytes} bytes: the store is damaged")
     if nbytes == 0:  # mmap cannot map nothing; an empty memmap-typed array stands in
         arr = np.ndarray.__new__(_NinjaMemmap, shape, dtype, order=order)
-        arr.filename, arr.mode, arr.offset = os.path.abspath(path), mode, 0
+        arr.filename, arr.mode, arr.offset = _absolute(path), mode, 0
     else:
         arr = _NinjaMemmap(path, dtype=dtype, mode=mode, shape=shape, order=order)
-    arr._ninja_dir = os.path.abspath(out_dir)
+    arr._ninja_dir = _absolute(out_dir)
+    arr.filename = os.path.join(arr._ninja_dir, "data.ninja")  # (numpy abspaths it: link/.. lexically)
     return arr
 
 
@@ -1642,13 +1643,12 @@ def _offsets_problem(starts, ends, lo, hi, size):
     # first time, which a cold read of a 2 KB sample notices: a flat store's page check costs
     # 4.2 us instead of 8.9 with the test below in _page_problem): each sample starts where the
     # previous one ends and none is negative, so all lie between first[0] and last[-1].
-    if first[1:].tobytes() == last[:-1].tobytes() and (last - first).min() >= 0 and first[0] >= 0 \
+    if first[1:].tobytes() == last[:-1].tobytes() and (last >= first).all() and first[0] >= 0 \
             and last[-1] <= size:
         return None
     bad = (last < first) | (last > size)
     bad[1:] |= first[1:] != last[:-1]
-    if a == 0:
-        bad[0] |= first[0] < 0
+    bad[0] |= first[0] < 0
     return a + int(bad.argmax()) if bad.any() else None
 
 
@@ -1705,7 +1705,7 @@ class _Sequence:
 
     def __getstate__(self):
         state = {key: getattr(self, key) for key in self._config_keys}
-        state["out_dir"] = os.path.abspath(self.out_dir)  # the receiver may run elsewhere
+        state["out_dir"] = _absolute(self.out_dir)  # the receiver may run elsewhere
         state["_n"] = self._n  # the receiver sees the sender's snapshot
         return state
 
@@ -3277,7 +3277,7 @@ class ShardedMmap:
         self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
 
     def __reduce__(self):
-        return (ShardedMmap, ([os.path.abspath(p) for p in self.paths], self.wrapper_fn))
+        return (ShardedMmap, ([_absolute(p) for p in self.paths], self.wrapper_fn))
 
     @classmethod
     def from_indexable(cls, out_dir, indexable, num_shards, *, executor=None, kind=None, batch_size=4096,

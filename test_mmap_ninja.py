@@ -1900,6 +1900,37 @@ def test_a_damaged_offset_is_an_error_never_another_samples_bytes(layout, damage
     assert mmap_ninja._verify(str(d)) != [] and all(str(d) in p for p in mmap_ninja._verify(str(d)))
 
 
+def write_int64s(path, values):
+    with open(path, "r+b") as f:
+        f.write(np.array(values, "<i8").tobytes())
+
+
+def test_offsets_that_wrap_around_or_go_negative_are_damage(tmp_path):
+    """Offsets whose differences wrap around int64 (recorded lengths to match), shape offsets
+    that do, and a later page of offsets shifted below 0 (numpy would read negative bounds
+    from the end): each is 'the store is damaged', never other samples' bytes."""
+    big = 2**62
+    flat = tmp_path / "flat"
+    RaggedMmap.from_lists(flat, [np.array([10]), np.array([20]), np.array([30])])
+    write_int64s(flat / "starts" / "data.ninja", [0, big + 1, -big])
+    write_int64s(flat / "ends" / "data.ninja", [big + 1, -big, 3])
+    write_int64s(flat / "shapes" / "data.ninja", [big + 1, 2**63 - 1, big + 3])  # (the wrapped sizes)
+    nested = tmp_path / "nested"
+    RaggedMmap.from_lists(nested, [np.ones((1, 1))] * 3)
+    write_int64s(nested / "shapes" / "starts" / "data.ninja", [0, big + 1, -big])
+    write_int64s(nested / "shapes" / "ends" / "data.ninja", [big + 1, -big, 6])
+    shifted = tmp_path / "shifted"
+    RaggedMmap.from_lists(shifted, [np.array([k]) for k in range(1700)])
+    starts = np.arange(1700)
+    starts[511:1025] -= 1050  # page 1 (and its neighbours) below 0, still chained
+    write_int64s(shifted / "starts" / "data.ninja", starts)
+    write_int64s(shifted / "ends" / "data.ninja", starts + 1)
+    for d, i in ((flat, 0), (flat, 2), (nested, 1), (shifted, 600)):
+        with pytest.raises(ValueError, match=f"{d}: sample [0-9]+ spans .* the store is damaged"):
+            RaggedMmap(d)[i]
+    assert RaggedMmap(shifted)[1600].tolist() == [1600]  # (pages not next to it still read)
+
+
 def _worker_sum(args):
     store, i = args
     return int(np.asarray(store[i]).sum())
@@ -2252,6 +2283,9 @@ def test_index_forms_numpy_gives(tmp_path):
     assert store.shape_of(np.int8(-1)) == (4,)
     with pytest.raises(IndexError, match="index 1180591620717411303424 is out of range"):
         store[np.array([1, 2**70], dtype=object)]
+    for tie in ([-(1 << 63), 1 << 63], [1 << 63, -(1 << 63)]):  # (only 2**63 is past int64)
+        with pytest.raises(IndexError, match=f"{tmp_path}.*index 9223372036854775808 is out of range"):
+            store[np.array(tie, dtype=object)]
 
 
 def test_a_path_through_a_symlink_and_dotdot_is_the_one_the_os_resolves(tmp_path, monkeypatch):
@@ -2265,6 +2299,17 @@ def test_a_path_through_a_symlink_and_dotdot_is_the_one_the_os_resolves(tmp_path
     assert (tmp_path / "data" / "shared" / "type.ninja").exists() and not (tmp_path / "shared").exists()
     strings = StringsMmap.from_strings("current/../words", ["a", "b"])
     assert strings[:] == ["a", "b"] and (tmp_path / "data" / "words" / "type.ninja").exists()
+    # what abspath would name instead holds other stores: copies and appends must not go there
+    RaggedMmap.from_lists(tmp_path / "shared", [np.arange(9)])
+    np_ninja.from_ndarray(tmp_path / "data" / "rows", np.ones(3))
+    np_ninja.from_ndarray(tmp_path / "rows", np.full(3, 2.0))
+    for copy in (pickle.loads(pickle.dumps(store)), pickle.loads(pickle.dumps(ShardedMmap(["current/../shared"])))):
+        assert_same_samples([copy[0], copy[1]], [np.arange(2), np.arange(3)])
+    rows = np_ninja.open_existing("current/../rows", "r+")
+    assert pickle.loads(pickle.dumps(rows)).tolist() == [1.0] * 3
+    np_ninja.extend(rows, np.full(2, 7.0))
+    assert np_ninja.open_existing(tmp_path / "data" / "rows").tolist() == [1.0] * 3 + [7.0] * 2
+    assert np_ninja.open_existing(tmp_path / "rows").tolist() == [2.0] * 3
 
 
 def test_the_layout_verdict_follows_a_recreated_store(tmp_path):
