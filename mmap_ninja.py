@@ -1642,7 +1642,8 @@ def _offsets_problem(starts, ends, lo, hi, size):
     # A sound page first, in two numpy calls and a memcmp (a read pays for its page's check the
     # first time, which a cold read of a 2 KB sample notices: a flat store's page check costs
     # 4.2 us instead of 8.9 with the test below in _page_problem): each sample starts where the
-    # previous one ends and none is negative, so all lie between first[0] and last[-1].
+    # previous one ends and none ends before it starts, so all lie between first[0] >= 0 and
+    # last[-1] <= size. (Comparisons only: a difference of damaged offsets can wrap around.)
     if first[1:].tobytes() == last[:-1].tobytes() and (last >= first).all() and first[0] >= 0 \
             and last[-1] <= size:
         return None
