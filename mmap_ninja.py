@@ -1212,11 +1212,11 @@ def _map_memmap(out_dir, mode, rows):
                          f"{nbytes} bytes: the store is damaged")
     if nbytes == 0:  # mmap cannot map nothing; an empty memmap-typed array stands in
         arr = np.ndarray.__new__(_NinjaMemmap, shape, dtype, order=order)
-        arr.filename, arr.mode, arr.offset = _absolute(path), mode, 0
+        arr.mode, arr.offset = mode, 0
     else:
         arr = _NinjaMemmap(path, dtype=dtype, mode=mode, shape=shape, order=order)
     arr._ninja_dir = _absolute(out_dir)
-    arr.filename = os.path.join(arr._ninja_dir, "data.ninja")  # (numpy abspaths it: link/.. lexically)
+    arr.filename = os.path.join(arr._ninja_dir, "data.ninja")  # (numpy's abspath takes link/.. lexically)
     return arr
 
 
@@ -1705,8 +1705,7 @@ class _Sequence:
     # from specializing attribute access, which costs ~70 ns on every __getitem__.
 
     def __getstate__(self):
-        state = {key: getattr(self, key) for key in self._config_keys}
-        state["out_dir"] = _absolute(self.out_dir)  # the receiver may run elsewhere
+        state = {key: getattr(self, key) for key in self._config_keys}  # (out_dir is absolute)
         state["_n"] = self._n  # the receiver sees the sender's snapshot
         return state
 
