@@ -693,11 +693,6 @@ class _Lock:
             self.held = False
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
-    def current(self):
-        """Whether the directory locked is still the one at store_dir (a store re-created by
-        from_* is swapped in as a new directory)."""
-        return self.fd is None or _names(self.store_dir, os.fstat(self.fd))
-
     def close(self):
         if self.pid == os.getpid():
             self.__exit__()
@@ -854,9 +849,9 @@ def _is_store(path, kind):
     """Whether the directory at path holds a store (of a sequence kind). Without type.ninja
     it holds none yet: a store being created, or the parts a creation killed before its end
     left, which hold no sample. Samples without type.ninja are damage, not an empty store."""
-    _check_directory(path)
     if os.path.lexists(os.path.join(path, "type.ninja")):
         return True
+    _check_directory(path)
     try:
         n = _count(path) if os.path.lexists(os.path.join(path, "starts", "shape.ninja")) else 0
     except (OSError, ValueError):  # (a creation killed while writing it)
@@ -1319,13 +1314,8 @@ class _NumpyWriter:
         self.fd = self.shape_fd = None
 
     def __enter__(self):
-        for _ in range(100):
-            self._open()
-            if self.lock.current():  # (the files opened by path are the locked store's)
-                return self
-            self.__exit__()  # re-created between the lock and the opens: lock the new one
-        raise RuntimeError(f"{self.out_dir}: the store was re-created 100 times while this process "
-                           f"opened it; append once its writer is done")
+        _from_one_directory(self.out_dir, self._open, self.__exit__)
+        return self
 
     def _open(self):
         _check_directory(self.out_dir)
@@ -1882,7 +1872,11 @@ class _Sequence:
                 return []
             self._check_pages(idx)
             self._ask(idx)
-            return self._from_offsets(idx, self._entries(idx, "_starts", "_ends"))
+            return self._read_checked(idx)
+
+    def _read_checked(self, idx):
+        """Samples idx (checked, their pages checked and asked for), under the lock."""
+        return self._from_offsets(idx, self._entries(idx, "_starts", "_ends"))
 
     def _entries(self, keys, *names):
         """column[k] for k in keys, for each named int64 view: a numpy gather for an index
@@ -2021,7 +2015,7 @@ class _Sequence:
                 raise RuntimeError(f"{d} names a deleted directory (re-created while this process's "
                                    f"working directory was inside it?); use an absolute path")
             try:
-                if not os.path.lexists(os.path.join(d, "type.ninja")) and not _is_store(d, self._kind):
+                if not _is_store(d, self._kind):
                     if not create:
                         raise FileNotFoundError(f"{d} holds no store (removed, or being created): "
                                                 f"there is no sample to replace")
@@ -2338,14 +2332,8 @@ class RaggedMmap(_Sequence):
                 return self._read_batch(_as_indices(item, self._n, self.out_dir))
         return _Sequence._read_selection(self, item)
 
-    def _read_batch(self, idx):
-        if self.wrapper_fn is not None or not len(idx):
-            return _Sequence._read_batch(self, idx)
-        with self._lock():
-            self._map_all()
-            self._check_pages(idx)
-            self._ask(idx)
-            return self._views(idx)
+    def _read_checked(self, idx):
+        return _Sequence._read_checked(self, idx) if self.wrapper_fn is not None else self._views(idx)
 
     def _check_pages(self, keys):
         if self._nested and self._unchecked:
@@ -2567,8 +2555,9 @@ class RaggedMmap(_Sequence):
 #   RaggedMmap.__getitem__        not an int: _Sequence._read_many (locks), then
 #   RaggedMmap._read_selection    a flat store's list of ints: per-key lookups, _from_offsets;
 #                                 anything else: _as_indices, then
-#   RaggedMmap._read_batch        maps, checks the pages of offsets, asks for cold pages, then
-#   RaggedMmap._views             nested: _Layout.window_views below (else _slices); flat: slices.
+#   _Sequence._read_batch         maps, checks the pages of offsets, asks for cold pages, then
+#   RaggedMmap._read_checked      _views: nested, _Layout.window_views below (else _slices);
+#                                 flat, slices.
 # With wrapper_fn, samples are read one by one through __getitem__ (_from_offsets).
 # get_padded: _padded below, then _pad_runs, _pad_blocks or _pad_each.
 #
@@ -3304,7 +3293,7 @@ class ShardedMmap:
         num_shards, batch_size = _check_batch_size(num_shards), _check_batch_size(batch_size)
         manifest = os.path.join(out_dir, "shards.json")
         if kind is None and os.path.lexists(manifest):  # a rerun: the kind it recorded
-            kind = json.loads(_read_bytes(manifest, "shard layout")).get("kind")
+            kind = _read_layout(out_dir).get("kind")
         if kind is None:
             kind = "strings" if n and isinstance(indexable[0], str) else "ragged"
         if kind not in _SHARD_WRITERS:
@@ -3404,9 +3393,8 @@ def _prefetch(store, idx):
             _willneed(data.base, lo, hi)
 
 
-_SHARD_WRITERS = {"ragged": lambda path, samples, batch: RaggedMmap.from_generator(path, samples, batch),
-                  "strings": lambda path, samples, batch: StringsMmap.from_generator(path, samples, batch),
-                  "numpy": lambda path, samples, batch: np_from_generator(path, samples, batch)}
+_SHARD_WRITERS = {"ragged": RaggedMmap.from_generator, "strings": StringsMmap.from_generator,
+                  "numpy": np_from_generator}
 
 
 def _write_shard(path, source, start, stop, kind, batch_size):
@@ -3415,9 +3403,8 @@ def _write_shard(path, source, start, stop, kind, batch_size):
     if kind == "numpy" and start == stop:  # (more shards than items) the first gives the rows
         first = _as_sample(source[0], path)
         np_empty(path, first.dtype, (0,) + first.shape)
-        return 0
-    store = _SHARD_WRITERS[kind](path, (source[i] for i in range(start, stop)), batch_size)
-    return stop - start if store is None else len(store)
+        return
+    _SHARD_WRITERS[kind](path, (source[i] for i in range(start, stop)), batch_size)
 
 
 def _shard_names(out_dir, layout):
@@ -3426,7 +3413,7 @@ def _shard_names(out_dir, layout):
     manifest = os.path.join(out_dir, "shards.json")
     os.makedirs(out_dir, exist_ok=True)
     if os.path.lexists(manifest):
-        found = json.loads(_read_bytes(manifest, "shard layout"))
+        found = _read_layout(out_dir)
         if found != layout:
             raise ValueError(f"{out_dir} holds the shards of another conversion ({found['num_shards']} "
                              f"shards of {found['length']} {found['kind']} samples; this one makes "
@@ -3438,6 +3425,14 @@ def _shard_names(out_dir, layout):
             raise ValueError(f"{out_dir} is not empty ({_short(sorted(others))}): a conversion "
                              f"writes its shards into a directory of its own")
         _replace_file(manifest, json.dumps(layout).encode())
+    return _layout_names(layout)
+
+
+def _read_layout(out_dir):
+    return json.loads(_read_bytes(os.path.join(out_dir, "shards.json"), "shard layout"))
+
+
+def _layout_names(layout):
     width = len(str(layout["num_shards"]))
     return [f"shard-{k:0{width}d}-of-{layout['num_shards']}" for k in range(layout["num_shards"])]
 
@@ -3460,8 +3455,7 @@ def _shard_dirs(parent):
         return [parent]
     manifest = os.path.join(parent, "shards.json")
     if os.path.lexists(manifest):
-        layout = json.loads(_read_bytes(manifest, "shard layout"))
-        names = _shard_names(parent, layout)
+        names = _layout_names(_read_layout(parent))
         missing = [name for name in names if not os.path.lexists(os.path.join(parent, name, "type.ninja"))]
         if missing:
             raise FileNotFoundError(f"{parent} holds {len(names) - len(missing)} of the {len(names)} "
@@ -3550,14 +3544,12 @@ class QuasiRandomSampler:
         groups = list(runs[:-1:self.GROUP]) + [len(index)]
         if len(runs) - 1 > self.GROUP and (len(runs) - 1) % self.GROUP:
             del groups[-2]  # a short last group joins the one before
+        length = np.diff(runs)  # each sample's place in its run, in SPLIT parts
+        run = np.repeat(np.arange(len(length)), length)
+        quarter = (np.arange(len(index)) - np.asarray(runs)[run]) * self.SPLIT // length[run]
         for lo, hi in zip(groups, groups[1:]):
-            part = index[lo:hi]
-            starts = np.r_[0, np.flatnonzero(np.diff(block[lo:hi])) + 1]
-            length = np.diff(np.r_[starts, hi - lo])
-            run = np.repeat(np.arange(len(starts)), length)
-            quarter = (np.arange(hi - lo) - starts[run]) * self.SPLIT // length[run]
             for q in range(self.SPLIT):
-                yield part[quarter == q]
+                yield index[lo:hi][quarter[lo:hi] == q]
 
     @staticmethod
     def _shuffled(window, rng):
