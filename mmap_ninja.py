@@ -546,10 +546,10 @@ def _short(value):
     return text if len(text) < 60 else text[:57] + "..."
 
 
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
+def _check_batch_size(value, name="batch_size"):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 ###################################################################################################
@@ -2012,8 +2012,9 @@ class _Sequence:
                 writer.close()
                 writer.lock.close()
             else:
-                raise RuntimeError(f"{d} names a deleted directory (re-created while this process's "
-                                   f"working directory was inside it?); use an absolute path")
+                raise RuntimeError(f"{d}: the store changed 100 times while this process locked it "
+                                   f"(re-created or removed over and over); try again once its "
+                                   f"writers are done")
             try:
                 if not _is_store(d, self._kind):
                     if not create:
@@ -3290,7 +3291,7 @@ class ShardedMmap:
             raise TypeError(f"{out_dir}: ShardedMmap.from_indexable splits len(indexable) items into "
                             f"shards, and {type(indexable).__name__} has no len(); use "
                             f"RaggedMmap.from_indexable for a source read until IndexError")
-        num_shards, batch_size = _check_batch_size(num_shards), _check_batch_size(batch_size)
+        num_shards, batch_size = _check_batch_size(num_shards, "num_shards"), _check_batch_size(batch_size)
         manifest = os.path.join(out_dir, "shards.json")
         if kind is None and os.path.lexists(manifest):  # a rerun: the kind it recorded
             kind = _read_layout(out_dir).get("kind")
@@ -3381,9 +3382,9 @@ class ShardedMmap:
 
 def _prefetch(store, idx):
     """store.prefetch(idx) for any store: a numpy store's memmap asks for its rows' pages."""
-    if hasattr(store, "prefetch"):
-        return store.prefetch(idx)
     data = store.data if isinstance(store, Wrapped) else store
+    if hasattr(data, "prefetch"):
+        return data.prefetch(idx)
     if not len(idx):
         return
     if isinstance(data, np.memmap) and isinstance(data.base, mmap.mmap) and data.ndim and data.flags.c_contiguous:
@@ -3498,7 +3499,8 @@ class QuasiRandomSampler:
 
     def __init__(self, store, batch_size, *, seed=0, rank=0, world_size=1, drop_last=False, block_bytes=8 << 20):
         self.batch_size = _check_batch_size(batch_size)
-        world_size, block_bytes = _check_batch_size(world_size), _check_batch_size(block_bytes)
+        world_size = _check_batch_size(world_size, "world_size")
+        block_bytes = _check_batch_size(block_bytes, "block_bytes")
         if not (_is_int(rank) and 0 <= rank < world_size):
             raise ValueError(f"rank must be an int in [0, {world_size}) for world_size={world_size}, got {rank!r}")
         self.store, self.seed, self.rank, self.world_size = store, int(seed), int(rank), world_size

@@ -3059,12 +3059,23 @@ def test_quasi_random_prefetches_one_window_ahead(tmp_path, monkeypatch):
 def test_quasi_random_sampler_refuses_bad_arguments(tmp_path):
     store = sampler_store(tmp_path, "tokens", 10)
     for kwargs, message in [(dict(rank=2, world_size=2), "rank must be an int in \\[0, 2\\)"),
-                            (dict(world_size=0), "must be a positive integer"),
-                            (dict(block_bytes=-1), "must be a positive integer")]:
+                            (dict(world_size=0), "^world_size must be a positive integer, got 0"),
+                            (dict(block_bytes=-1), "^block_bytes must be a positive integer, got -1")]:
         with pytest.raises(ValueError, match=message):
             mmap_ninja.QuasiRandomSampler(store, 4, **kwargs)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         mmap_ninja.QuasiRandomSampler(store, 0)
+    with pytest.raises(ValueError, match="^num_shards must be a positive integer, got 0"):
+        ShardedMmap.from_indexable(tmp_path / "shards", ["a"], 0)
+
+
+def test_prefetch_reaches_a_wrapped_store(tmp_path, monkeypatch):
+    asked = []
+    for store in (StringsMmap.from_strings(tmp_path / "s", ["ab", "cd"]),
+                  RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.arange(2)])):
+        monkeypatch.setattr(type(store), "prefetch", lambda self, idx: asked.append((self.out_dir, list(idx))))
+        mmap_ninja._prefetch(Wrapped(store, len), [1, 0])
+    assert asked == [(str(tmp_path / "s"), [1, 0]), (str(tmp_path / "r"), [1, 0])]
 
 
 def _ddp_rank(rank, world_size, init_method, store_path, out):
