@@ -2798,6 +2798,9 @@ def _padded(store, idx, pad_value):
         raise ValueError(f"{store.out_dir}: padding these {k} samples to shape {max_shape} would "
                          f"allocate {padded} bytes, over 1 GiB and 4 times their data: pad fewer "
                          f"samples at a time, or group samples of similar shapes")
+    if store._io.cold:  # only the samples' own bytes, copied one by one in disk order: the gathers
+        store._ask(idx)   # below read each sample's padded span, for images ~17% more from disk
+        return _pad_each(store, np.full((k,) + max_shape, pad), idx, shapes), shapes
     store._ask(idx, largest)  # (gathers read a padded span)
     if all(same[1:]):
         row = math.prod(max_shape[1:])

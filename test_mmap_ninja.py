@@ -1621,6 +1621,25 @@ def test_cold_reads_and_prefetch_never_change_what_is_read(name, tmp_path, monke
     assert same_reads(read_everything(store, np.random.default_rng(1)), plain)
 
 
+@pytest.mark.parametrize("trailing", [(), (7,)])
+def test_cold_get_padded_asks_for_the_samples_own_bytes_only(trailing, tmp_path, monkeypatch):
+    # hot, get_padded gathers each sample's padded span (whatever follows it, up to the longest
+    # sample); cold, that would read up to the longest sample's size from disk for each
+    lengths = [20000 * (k % 3 + 1) for k in range(12)]  # 160-480 KB each (int64): never joined
+    samples = [np.full((n // int(np.prod(trailing)),) + trailing, k, np.int64) for k, n in enumerate(lengths)]
+    store = RaggedMmap.from_lists(tmp_path / "r", samples)
+    monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)  # probes find nothing cached
+    asked = record_willneed(monkeypatch)
+    store.cold = True
+    idx = [10, 0, 4, 2]
+    batch, shapes = store.get_padded(idx)
+    assert asked == [(int(store.starts[i]) * 8, int(store.ends[i]) * 8) for i in sorted(idx)]
+    assert batch.shape == (4, max(len(samples[i]) for i in idx)) + trailing and batch.dtype == np.int64
+    for row, i in zip(batch, idx):
+        assert (row[:len(samples[i])] == i).all() and (row[len(samples[i]):] == 0).all()
+    assert shapes.tolist() == [list(samples[i].shape) for i in idx]
+
+
 def evict_store(path):
     """Drop a store's files from the page cache (no map of them may be open)."""
     for root, _, files in os.walk(path):
