@@ -951,6 +951,26 @@ _PROBE = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
 
 _CHUNK = 128 << 10  # WILLNEED reads at most max(read-ahead, largest request) per call: 128 KB is safe
 
+_SYSFS = "/sys"
+_HONOURED = {}  # st_dev: the WILLNEED size asked per call for files on that device (_honoured)
+
+
+def _honoured(fd):
+    """The bytes to ask for per WILLNEED call for fd's file: the kernel cuts a call to the
+    larger of its device's read-ahead and largest request (queue/read_ahead_kb, max_sectors_kb),
+    and fewer, larger calls read faster (2 MB ones: a cold quasi-random epoch 1.27 -> 1.58 GB/s
+    here); up to 2 MB where sysfs says so, else 128 KB, which every device honours."""
+    dev = os.fstat(fd).st_dev
+    if dev not in _HONOURED:
+        honoured, base = 0, os.path.join(_SYSFS, "dev", "block", f"{os.major(dev)}:{os.minor(dev)}")
+        for queue in (os.path.join(base, "queue"), os.path.join(base, "..", "queue")):  # (a partition's: its disk's)
+            with contextlib.suppress(OSError, ValueError):
+                honoured = max(int(_read_text(os.path.join(queue, name), "sysfs", 64)) << 10
+                               for name in ("read_ahead_kb", "max_sectors_kb"))
+                break
+        _HONOURED[dev] = min(max(honoured, _CHUNK), 2 << 20)
+    return _HONOURED[dev]
+
 
 class _ReadAhead:
     """The cold-read state of one mapping of a store's data. While the data is found cold it
@@ -965,6 +985,7 @@ class _ReadAhead:
         # (a weak reference: a store dropped without close() is freed at once, maps and all)
         self.store, self.data, self.mm, self.fd, self.itemsize = weakref.ref(store), None, None, None, 1
         self.cold, self.forced, self.count, self.streak, self.scanning = False, None, 0, 0, 0
+        self.chunk = _CHUNK  # bytes per WILLNEED call (_honoured)
         self.asked = []  # the byte ranges of the last prefetches: (starts, ends) arrays
         self.aside = None  # the thread asking for the last prefetch
     def remap(self, data, mm, path, itemsize, starts):
@@ -974,6 +995,7 @@ class _ReadAhead:
         self.data, self.mm, self.itemsize = data, mm, itemsize
         if _PROBE and mm is not None:
             self.fd = os.open(path, _O_READ)
+            self.chunk = _honoured(self.fd)
         first = self.count == 0 and self.forced is None
         self.count += 1
         for i in sorted({0, len(starts) // 3, 2 * len(starts) // 3, len(starts) - 1}) if first and len(starts) else ():
@@ -984,7 +1006,7 @@ class _ReadAhead:
         start, stop = item.start * self.itemsize, item.stop * self.itemsize
         self.count += 1
         if stop > start and (self.count % self.PROBE_EVERY or not self.seen(start)):
-            _willneed(self.mm, start, stop)
+            _willneed(self.mm, start, stop, self.chunk)
         return self.data[item]
 
     def resident(self, offset):
@@ -1043,12 +1065,12 @@ class _ReadAhead:
             if all(self.resident(m) for m in middles[::max(1, len(middles) // 8)].tolist()):
                 return  # (a few probes across the ranges found them all cached)
         if prefetch and self.fd is not None and hasattr(os, "posix_fadvise"):  # (in the order asked)
-            self.aside = threading.Thread(target=_advise_aside, args=(os.dup(self.fd), *ranges, self.aside),
-                                          daemon=True)
+            self.aside = threading.Thread(target=_advise_aside, args=(os.dup(self.fd), *ranges, self.aside,
+                                                                      self.chunk), daemon=True)
             self.aside.start()
         else:
             for lo, hi in zip(*(r.tolist() for r in ranges)):
-                _willneed(self.mm, lo, hi)
+                _willneed(self.mm, lo, hi, self.chunk)
 
     def asked_for(self, starts, ends):
         """Whether every byte range [starts, ends) lies in a range of the last prefetches."""
@@ -1091,28 +1113,28 @@ def _joined(starts, ends):
     return starts[first], ends[np.r_[first[1:] - 1, len(starts) - 1]]
 
 
-def _willneed(mm, start, stop):
+def _willneed(mm, start, stop, chunk=_CHUNK):
     """Ask the kernel to start reading bytes [start, stop) of mm, in chunks it honours whole."""
     if not _ADVISE or mm is None:
         return
     start -= start % mmap.PAGESIZE
     stop = min(stop, len(mm))
     try:
-        for offset in range(start, stop, _CHUNK):
-            mm.madvise(mmap.MADV_WILLNEED, offset, min(_CHUNK, stop - offset))
+        for offset in range(start, stop, chunk):
+            mm.madvise(mmap.MADV_WILLNEED, offset, min(chunk, stop - offset))
     except (OSError, ValueError):  # (advice only: reading works without it)
         pass
 
 
-def _advise_aside(fd, starts, ends, previous=None):
+def _advise_aside(fd, starts, ends, previous=None, chunk=_CHUNK):
     """_willneed's work through a descriptor, in a thread of its own (posix_fadvise releases
     the GIL), after the previous such thread (so the disk serves them in order); closes fd."""
     try:
         if previous is not None:
             previous.join()
         for lo, hi in zip(starts.tolist(), ends.tolist()):
-            for offset in range(lo - lo % mmap.PAGESIZE, hi, _CHUNK):
-                os.posix_fadvise(fd, offset, min(_CHUNK, hi - offset), os.POSIX_FADV_WILLNEED)
+            for offset in range(lo - lo % mmap.PAGESIZE, hi, chunk):
+                os.posix_fadvise(fd, offset, min(chunk, hi - offset), os.POSIX_FADV_WILLNEED)
     except OSError:  # (advice only)
         pass
     finally:

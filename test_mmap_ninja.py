@@ -1575,9 +1575,9 @@ def record_willneed(monkeypatch):
     asked = []
     real = mmap_ninja._willneed
 
-    def recording_willneed(mm, start, stop):
+    def recording_willneed(mm, start, stop, *chunk):
         asked.append((start, stop))
-        return real(mm, start, stop)
+        return real(mm, start, stop, *chunk)
 
     monkeypatch.setattr(mmap_ninja, "_willneed", recording_willneed)
     return asked
@@ -1638,6 +1638,52 @@ def test_cold_get_padded_asks_for_the_samples_own_bytes_only(trailing, tmp_path,
     for row, i in zip(batch, idx):
         assert (row[:len(samples[i])] == i).all() and (row[len(samples[i]):] == 0).all()
     assert shapes.tolist() == [list(samples[i].shape) for i in idx]
+
+
+def test_willneed_calls_are_as_large_as_the_device_honours(tmp_path, monkeypatch):
+    # the kernel cuts a WILLNEED call to max(read_ahead_kb, max_sectors_kb) of the device, so a
+    # call asks for that much, up to 2 MB (fewer, larger reads), and 128 KB where sysfs is silent
+    dev = os.stat(tmp_path).st_dev
+    sysfs, disk = tmp_path / "sys", tmp_path / "sys" / "devices" / "vdx"
+    (disk / "queue").mkdir(parents=True)
+    (disk / "vdx1").mkdir()
+    (sysfs / "dev" / "block").mkdir(parents=True)
+    link = sysfs / "dev" / "block" / f"{os.major(dev)}:{os.minor(dev)}"
+    monkeypatch.setattr(mmap_ninja, "_SYSFS", str(sysfs))
+    fd = os.open(tmp_path, os.O_RDONLY)
+
+    def honoured(read_ahead_kb, max_sectors_kb, target):
+        (disk / "queue" / "read_ahead_kb").write_text(f"{read_ahead_kb}\n")
+        (disk / "queue" / "max_sectors_kb").write_text(f"{max_sectors_kb}\n")
+        if link.is_symlink():
+            link.unlink()
+        if target is not None:
+            link.symlink_to(target)
+        monkeypatch.setattr(mmap_ninja, "_HONOURED", {})
+        return mmap_ninja._honoured(fd)
+    try:
+        assert honoured(8192, 4096, disk / "vdx1") == 2 << 20  # a partition: its disk's queue; at most 2 MB
+        assert honoured(128, 1280, disk) == 1280 << 10  # a whole disk
+        assert honoured(0, 512, disk) == 512 << 10  # (read-ahead off: the largest request still goes)
+        assert honoured(16, 64, disk) == 128 << 10  # never under 128 KB
+        assert honoured(8192, 4096, None) == 128 << 10  # no block device (tmpfs, NFS, btrfs): 128 KB
+        honoured(8192, 4096, disk)
+    finally:
+        os.close(fd)
+    RaggedMmap.from_lists(tmp_path / "r", [np.full(1 << 17, k, np.int64) for k in range(6)])  # 6 MB
+    store = RaggedMmap(tmp_path / "r")
+    if store._io.fd is None:
+        pytest.skip("no RWF_NOWAIT probes here: prefetch asks through the map")
+    monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)
+    asked, real = [], os.posix_fadvise
+
+    def recording_fadvise(fd, offset, length, advice):
+        asked.append((offset, length))
+        return real(fd, offset, length, advice)
+    monkeypatch.setattr(os, "posix_fadvise", recording_fadvise)
+    store.prefetch(range(6))
+    store._io.aside.join()
+    assert asked == [(k << 21, 2 << 20) for k in range(3)]
 
 
 def evict_store(path):
