@@ -959,7 +959,8 @@ def _honoured(fd):
     """The bytes to ask for per WILLNEED call for fd's file: the kernel cuts a call to the
     larger of its device's read-ahead and largest request (queue/read_ahead_kb, max_sectors_kb),
     and fewer, larger calls read faster (2 MB ones: a cold quasi-random epoch 1.27 -> 1.58 GB/s
-    here); up to 2 MB where sysfs says so, else 128 KB, which every device honours."""
+    here). That, up to 2 MB, where sysfs says it; else 128 KB (a file system without a block
+    device of its own: tmpfs, NFS, btrfs, overlay)."""
     dev = os.fstat(fd).st_dev
     if dev not in _HONOURED:
         honoured, base = 0, os.path.join(_SYSFS, "dev", "block", f"{os.major(dev)}:{os.minor(dev)}")
@@ -968,7 +969,7 @@ def _honoured(fd):
                 honoured = max(int(_read_text(os.path.join(queue, name), "sysfs", 64)) << 10
                                for name in ("read_ahead_kb", "max_sectors_kb"))
                 break
-        _HONOURED[dev] = min(max(honoured, _CHUNK), 2 << 20)
+        _HONOURED[dev] = min(honoured, 2 << 20) if honoured >= mmap.PAGESIZE else _CHUNK
     return _HONOURED[dev]
 
 

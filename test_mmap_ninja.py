@@ -1621,36 +1621,54 @@ def test_cold_reads_and_prefetch_never_change_what_is_read(name, tmp_path, monke
     assert same_reads(read_everything(store, np.random.default_rng(1)), plain)
 
 
-@pytest.mark.parametrize("trailing", [(), (7,)])
-def test_cold_get_padded_asks_for_the_samples_own_bytes_only(trailing, tmp_path, monkeypatch):
+def no_padded_spans(monkeypatch):
+    """Make the gathers that read each sample's padded span fail if called."""
+    def refuse(*args):
+        raise AssertionError("a cold get_padded read padded spans")
+    monkeypatch.setattr(mmap_ninja, "_pad_runs", refuse)
+    monkeypatch.setattr(mmap_ninja, "_pad_blocks", refuse)
+
+
+@pytest.mark.parametrize("trailing", [(), (7,), (5, 3)])
+def test_cold_get_padded_reads_the_samples_own_bytes_only(trailing, tmp_path, monkeypatch):
     # hot, get_padded gathers each sample's padded span (whatever follows it, up to the longest
     # sample); cold, that would read up to the longest sample's size from disk for each
-    lengths = [20000 * (k % 3 + 1) for k in range(12)]  # 160-480 KB each (int64): never joined
+    lengths = [30000 * (k % 3 + 1) for k in range(12)]  # 240-720 KB each (int64): never joined
     samples = [np.full((n // int(np.prod(trailing)),) + trailing, k, np.int64) for k, n in enumerate(lengths)]
-    store = RaggedMmap.from_lists(tmp_path / "r", samples)
+    if len(trailing) == 2:  # images: the second axis varies too
+        samples = [x[:, :1 + k % 5] for k, x in enumerate(samples)]
+    RaggedMmap.from_lists(tmp_path / "r", samples).close()
     monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)  # probes find nothing cached
+    store = RaggedMmap(tmp_path / "r")
+    if store._io.fd is None:
+        pytest.skip("no RWF_NOWAIT probes here: batch reads cannot tell cached pages, and ask for none")
+    assert store.cold
     asked = record_willneed(monkeypatch)
-    store.cold = True
+    no_padded_spans(monkeypatch)
     idx = [10, 0, 4, 2]
     batch, shapes = store.get_padded(idx)
     assert asked == [(int(store.starts[i]) * 8, int(store.ends[i]) * 8) for i in sorted(idx)]
-    assert batch.shape == (4, max(len(samples[i]) for i in idx)) + trailing and batch.dtype == np.int64
+    assert batch.shape == (4,) + tuple(np.max([samples[i].shape for i in idx], axis=0)) and batch.dtype == np.int64
     for row, i in zip(batch, idx):
-        assert (row[:len(samples[i])] == i).all() and (row[len(samples[i]):] == 0).all()
+        inside = tuple(slice(0, a) for a in samples[i].shape)
+        assert (row[inside] == i).all() and row.sum() == i * samples[i].size
     assert shapes.tolist() == [list(samples[i].shape) for i in idx]
 
 
+@pytest.mark.skipif(not (mmap_ninja._PROBE and hasattr(os, "major")), reason="sysfs and RWF_NOWAIT probes: Linux")
 def test_willneed_calls_are_as_large_as_the_device_honours(tmp_path, monkeypatch):
     # the kernel cuts a WILLNEED call to max(read_ahead_kb, max_sectors_kb) of the device, so a
     # call asks for that much, up to 2 MB (fewer, larger reads), and 128 KB where sysfs is silent
-    dev = os.stat(tmp_path).st_dev
+    RaggedMmap.from_lists(tmp_path / "r", [np.full(1 << 17, k, np.int64) for k in range(6)]).close()  # 6 MB
+    data = tmp_path / "r" / "data.ninja"
+    dev = os.stat(data).st_dev
     sysfs, disk = tmp_path / "sys", tmp_path / "sys" / "devices" / "vdx"
     (disk / "queue").mkdir(parents=True)
     (disk / "vdx1").mkdir()
     (sysfs / "dev" / "block").mkdir(parents=True)
     link = sysfs / "dev" / "block" / f"{os.major(dev)}:{os.minor(dev)}"
     monkeypatch.setattr(mmap_ninja, "_SYSFS", str(sysfs))
-    fd = os.open(tmp_path, os.O_RDONLY)
+    fd = os.open(data, os.O_RDONLY)
 
     def honoured(read_ahead_kb, max_sectors_kb, target):
         (disk / "queue" / "read_ahead_kb").write_text(f"{read_ahead_kb}\n")
@@ -1665,16 +1683,15 @@ def test_willneed_calls_are_as_large_as_the_device_honours(tmp_path, monkeypatch
         assert honoured(8192, 4096, disk / "vdx1") == 2 << 20  # a partition: its disk's queue; at most 2 MB
         assert honoured(128, 1280, disk) == 1280 << 10  # a whole disk
         assert honoured(0, 512, disk) == 512 << 10  # (read-ahead off: the largest request still goes)
-        assert honoured(16, 64, disk) == 128 << 10  # never under 128 KB
+        assert honoured(0, 64, disk) == 64 << 10  # a small device: what it takes
         assert honoured(8192, 4096, None) == 128 << 10  # no block device (tmpfs, NFS, btrfs): 128 KB
-        honoured(8192, 4096, disk)
+        assert honoured("many", 4096, disk) == 128 << 10  # (anything odd: the same)
+        assert honoured(8192, 4096, disk) == 2 << 20
     finally:
         os.close(fd)
-    RaggedMmap.from_lists(tmp_path / "r", [np.full(1 << 17, k, np.int64) for k in range(6)])  # 6 MB
-    store = RaggedMmap(tmp_path / "r")
-    if store._io.fd is None:
-        pytest.skip("no RWF_NOWAIT probes here: prefetch asks through the map")
     monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)
+    store = RaggedMmap(tmp_path / "r")
+    assert store._io.fd is not None and store._io.chunk == 2 << 20
     asked, real = [], os.posix_fadvise
 
     def recording_fadvise(fd, offset, length, advice):
