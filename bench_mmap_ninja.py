@@ -556,7 +556,7 @@ def scan_1mb(path):
 
 def cold_bench(tmp, table, scale):
     rng = np.random.default_rng(7)
-    n_img, n_tok = max(200, int(2000 * scale)), max(5000, int(300_000 * scale))  # 184 MB, 600 MB
+    n_img, n_tok = max(400, int(2000 * scale)), max(5000, int(300_000 * scale))  # 184 MB, 600 MB
     images = mn.RaggedMmap.from_generator(os.path.join(tmp, "cold-images"), (
         rng.integers(0, 255, (int(rng.integers(100, 141)), 256, 3), dtype=np.uint8) for _ in range(n_img)), 256)
     tokens = mn.RaggedMmap.from_generator(os.path.join(tmp, "cold-tokens"), (
@@ -577,8 +577,9 @@ def cold_bench(tmp, table, scale):
     open_store = {"images": mn.RaggedMmap, "tokens": mn.RaggedMmap, "strings": mn.StringsMmap}
 
     def gets(kind, evicted=None):
-        """Random gets, and their floor: the issue's protocol drops data.ninja only (a store's
-        index, 24 bytes a sample, is read by every access and stays cached in a long run)."""
+        """Random gets, and their floor, with data.ninja dropped from the page cache (a store's
+        index, 24 bytes a sample, is read by every access and stays cached in a long run), or
+        the paths `evicted`."""
         d, data, starts, ends = layout[kind]
         ranges = [(starts[i], ends[i]) for i in pick[kind]]
         copy = (lambda x: x) if kind == "strings" else np.array

@@ -949,7 +949,7 @@ _ADVISE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_WILLNEED")
 
 _PROBE = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
 
-_CHUNK = 128 << 10  # WILLNEED reads at most max(read-ahead, largest request) per call: 128 KB is safe
+_CHUNK = 128 << 10  # bytes per WILLNEED call where sysfs does not say more (_honoured); gaps read along
 
 _SYSFS = "/sys"
 _HONOURED = {}  # st_dev: the WILLNEED size asked per call for files on that device (_honoured)
@@ -958,7 +958,7 @@ _HONOURED = {}  # st_dev: the WILLNEED size asked per call for files on that dev
 def _honoured(fd):
     """The bytes to ask for per WILLNEED call for fd's file: the kernel cuts a call to the
     larger of its device's read-ahead and largest request (queue/read_ahead_kb, max_sectors_kb),
-    and fewer, larger calls read faster (2 MB ones: a cold quasi-random epoch 1.27 -> 1.58 GB/s
+    and fewer, larger calls read faster (2 MB ones: a cold quasi-random epoch 1.31 -> 1.63 GB/s
     here). That, up to 2 MB, where sysfs says it; else 128 KB (a file system without a block
     device of its own: tmpfs, NFS, btrfs, overlay)."""
     dev = os.fstat(fd).st_dev
@@ -2624,7 +2624,7 @@ class RaggedMmap(_Sequence):
 # - Both gathers read each sample's padded span, not only its bytes: free when the data is
 #   cached, ~17% more disk reads for images when it is not. So a cold store pads one sample at a
 #   time, in disk order, asking for the samples' own bytes (_pad_each; cold images get_padded of
-#   64: 133 -> 87 us a sample; test_cold_get_padded_asks_for_the_samples_own_bytes_only).
+#   64: 133 -> 87 us a sample; test_cold_get_padded_reads_the_samples_own_bytes_only).
 
 
 class _Layout:
