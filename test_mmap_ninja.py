@@ -2732,6 +2732,45 @@ def test_strings_batches_encode_exactly(tmp_path):
     assert ends.tolist() == np.cumsum([len(t.encode()) for t in list(store)]).tolist()
 
 
+class SliceSpy:
+    """Stands in for a StringsMmap's map: records each slice read from it."""
+
+    def __init__(self, buf):
+        self.buf, self.slices = buf, []
+
+    def __getitem__(self, item):
+        self.slices.append((item.start, item.stop))
+        return self.buf[item]
+
+    def __len__(self):
+        return len(self.buf)
+
+
+def test_strings_read_a_run_of_long_strings_in_one_copy(tmp_path):
+    # consecutive strings of 512 bytes or more on average are copied out of the map at once,
+    # then cut (a copy per string leaves the memory prefetcher behind); others one by one
+    long = [f"é{k}" + "x" * (500 + 37 * (k % 9)) for k in range(300)]
+    store = StringsMmap.from_strings(tmp_path / "long", long)
+    spy = store._buf = SliceSpy(store._buf)
+    assert store[10:200] == long[10:200]
+    assert spy.slices == [(int(store.starts[10]), int(store.ends[199]))]
+    assert list(store) == long and len(spy.slices) == 3  # (iteration: batches of 256)
+    for keys, copies in (([5, 100, 7], 3), ([-3, -2, -1], 1), ([20, 22, 21, 23], 1), ([22, 20, 21, 23], 4)):
+        spy.slices.clear()
+        assert store[keys] == [long[k] for k in keys] and len(spy.slices) == copies
+    short = [f"é{k}" for k in range(300)]
+    small = StringsMmap.from_strings(tmp_path / "short", short)
+    spy = small._buf = SliceSpy(small._buf)
+    assert small[10:200] == short[10:200] and len(spy.slices) == 190
+    # a string that does not decode, inside a run: the error names it, as one by one
+    store = StringsMmap(tmp_path / "long")
+    with open(tmp_path / "long" / "data.ninja", "r+b") as f:
+        f.seek(int(store.starts[150]) + 3)
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match=r"long: string 150 is not UTF-8 \(invalid start byte at byte 3\)"):
+        StringsMmap(tmp_path / "long")[100:200]
+
+
 def test_strings_empty_generator(tmp_path):
     store = StringsMmap.from_generator(tmp_path / "g", iter([]), 10)
     assert len(store) == 0 and (tmp_path / "g" / "type.ninja").read_text() == "string"
