@@ -3172,16 +3172,16 @@ class StringsMmap(_Sequence):
             return [self[k] for k in keys]
         buf, (starts, ends) = self._buf, columns
         try:
-            n = len(keys)
-            if n > 1 and keys[-1] - keys[0] == n - 1:  # (consecutive: iteration, a slice)
-                lo, hi = starts[0], ends[-1]
-                if 512 * n <= hi - lo <= 1 << 22 and min(starts) == lo and max(ends) == hi:
-                    # long strings one after another (and the copy holds just these n): one copy
-                    # out of the map, then cut. A copy per string leaves the memory prefetcher
-                    # behind (2 KB strings, iterated: 2.96 -> 3.38 GB/s cached, 2.26 -> 2.64
-                    # cold); short ones gain nothing from it
-                    run = buf[lo:hi]
-                    return [run[s - lo:e - lo].decode() for s, e in zip(starts, ends)]
+            if len(starts) > 1 and 512 * len(starts) <= ends[-1] - starts[0] <= 1 << 22 \
+                    and starts[1:] == ends[:-1]:
+                # long strings, each where the one before ends (iteration, a slice): one copy
+                # out of the map, then cut. A copy per string leaves the memory prefetcher
+                # behind (2 KB strings iterated: 2.96 -> 3.38 GB/s cached; cold, 70-76% -> 75-85%
+                # of a pread scan); short ones gain nothing. (O(1) checks first; the chain check
+                # makes the copy exactly the bytes asked for.)
+                lo = starts[0]
+                run = buf[lo:ends[-1]]
+                return [run[s - lo:e - lo].decode() for s, e in zip(starts, ends)]
             return [buf[s:e].decode() for s, e in zip(starts, ends)]
         except UnicodeDecodeError as e:
             bad = next(k for k, s, e in zip(keys, *columns) if not _decodes(buf[s:e]))

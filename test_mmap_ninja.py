@@ -2755,7 +2755,8 @@ def test_strings_read_a_run_of_long_strings_in_one_copy(tmp_path):
     assert store[10:200] == long[10:200]
     assert spy.slices == [(int(store.starts[10]), int(store.ends[199]))]
     assert list(store) == long and len(spy.slices) == 3  # (iteration: batches of 256)
-    for keys, copies in (([5, 100, 7], 3), ([-3, -2, -1], 1), ([20, 22, 21, 23], 1), ([22, 20, 21, 23], 4)):
+    for keys, copies in (([5, 100, 7], 3), ([-3, -2, -1], 1), ([20, 22, 21, 23], 4), ([0, 0, 2], 3),
+                         ([np.uint64(1), -1], 2), ([np.int8(3), np.int8(4)], 1), (np.arange(40, 60), 1)):
         spy.slices.clear()
         assert store[keys] == [long[k] for k in keys] and len(spy.slices) == copies
     short = [f"é{k}" for k in range(300)]
