@@ -81,6 +81,7 @@ __all__ = [
 import argparse
 import ast
 import bisect
+import collections
 import contextlib
 import errno
 import functools
@@ -969,6 +970,7 @@ def _honoured(fd):
                 honoured = max(int(_read_text(os.path.join(queue, name), "sysfs", 64)) << 10
                                for name in ("read_ahead_kb", "max_sectors_kb"))
                 break
+        honoured -= honoured % mmap.PAGESIZE  # (whole pages: each call must start on one)
         _HONOURED[dev] = min(honoured, 2 << 20) if honoured >= mmap.PAGESIZE else _CHUNK
     return _HONOURED[dev]
 
@@ -981,6 +983,7 @@ class _ReadAhead:
 
     PROBE_EVERY = 64  # probe every 64th read (single or batch) to notice the data turning
     HOT_AFTER = 16    # consecutive resident probes before cold data is called hot again
+    PENDING = 8       # prefetches waiting for the aside thread, at most (older ones are dropped)
 
     def __init__(self, store):
         # (a weak reference: a store dropped without close() is freed at once, maps and all)
@@ -988,7 +991,8 @@ class _ReadAhead:
         self.cold, self.forced, self.count, self.streak, self.scanning = False, None, 0, 0, 0
         self.chunk = _CHUNK  # bytes per WILLNEED call (_honoured)
         self.asked = []  # the byte ranges of the last prefetches: (starts, ends) arrays
-        self.aside = None  # the thread asking for the last prefetch
+        self.pending = collections.deque(maxlen=self.PENDING)  # prefetches not yet asked for: ranges
+        self.aside = None  # the thread asking for them (_advise_aside), while it runs
     def remap(self, data, mm, path, itemsize, starts):
         """A new mapping of the data (the store's verdict carries over remaps; a first mapping
         probes a few samples across the store, at start indices starts)."""
@@ -1049,7 +1053,8 @@ class _ReadAhead:
             return
         probes = [self.seen(int(starts[k]) * self.itemsize) for k in {0, len(starts) // 2}]
         starts, ends = starts * self.itemsize, ends * self.itemsize
-        if self.cold and not all(probes) and not self.asked_for(starts, ends):
+        known = self.fd is not None  # (no probe, on a file system without RWF_NOWAIT: cold asks)
+        if self.cold and not (known and all(probes)) and not self.asked_for(starts, ends):
             self.ask(starts, ends)
 
     def ask(self, starts, ends, prefetch=False):
@@ -1063,12 +1068,14 @@ class _ReadAhead:
         if prefetch:
             self.asked = self.asked[-1:] + [ranges]
             middles = (ranges[0] + ranges[1]) // 2  # (a range's first page may be its neighbour's)
-            if all(self.resident(m) for m in middles[::max(1, len(middles) // 8)].tolist()):
+            cached = all([self.resident(m) for m in middles[::max(1, len(middles) // 8)].tolist()])
+            if cached and self.fd is not None:
                 return  # (a few probes across the ranges found them all cached)
-        if prefetch and self.fd is not None and hasattr(os, "posix_fadvise"):  # (in the order asked)
-            self.aside = threading.Thread(target=_advise_aside, args=(os.dup(self.fd), *ranges, self.aside,
-                                                                      self.chunk), daemon=True)
-            self.aside.start()
+        if prefetch and self.fd is not None and hasattr(os, "posix_fadvise"):
+            with _ASIDE_LOCK:  # one thread per store asks, in the order asked; it ends when done
+                self.pending.append(ranges)
+                if self.aside is None or not self.aside.is_alive():
+                    self.aside = _start_aside(self)
         else:
             for lo, hi in zip(*(r.tolist() for r in ranges)):
                 _willneed(self.mm, lo, hi, self.chunk)
@@ -1099,6 +1106,7 @@ class _ReadAhead:
                     self.mm.madvise(mmap.MADV_NORMAL)
 
     def close(self):
+        self.pending.clear()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -1127,19 +1135,66 @@ def _willneed(mm, start, stop, chunk=_CHUNK):
         pass
 
 
-def _advise_aside(fd, starts, ends, previous=None, chunk=_CHUNK):
-    """_willneed's work through a descriptor, in a thread of its own (posix_fadvise releases
-    the GIL), after the previous such thread (so the disk serves them in order); closes fd."""
+# A store's prefetches are asked for by one thread at a time, on a descriptor of its own: at
+# most one thread and one descriptor per store, whatever the loader announces, and at most
+# PENDING prefetches waiting (a loader far ahead of the disk drops its oldest). A forked child
+# has none of these threads: it closes their descriptors, and a prefetch there starts its own.
+_ASIDE_LOCK = threading.RLock()  # guards every _ReadAhead's pending and aside
+_ASIDE_FDS = set()  # the descriptors the aside threads hold
+
+
+def _start_aside(io):
+    """A running thread asking for io's pending prefetches (None if none can start: the
+    prefetches are advice only). Called with _ASIDE_LOCK held."""
     try:
-        if previous is not None:
-            previous.join()
-        for lo, hi in zip(starts.tolist(), ends.tolist()):
-            for offset in range(lo - lo % mmap.PAGESIZE, hi, chunk):
-                os.posix_fadvise(fd, offset, min(chunk, hi - offset), os.POSIX_FADV_WILLNEED)
-    except OSError:  # (advice only)
-        pass
-    finally:
+        fd = os.dup(io.fd)
+    except OSError:  # (out of descriptors)
+        return None
+    thread = threading.Thread(target=_advise_aside, args=(io, fd), daemon=True)
+    _ASIDE_FDS.add(fd)
+    try:
+        thread.start()
+    except RuntimeError:  # (out of threads)
+        _ASIDE_FDS.discard(fd)
         os.close(fd)
+        return None
+    return thread
+
+
+def _advise_aside(io, fd):
+    """_willneed's work for io's pending prefetches, oldest first, through fd (posix_fadvise
+    releases the GIL); ends, closing fd, when none are left."""
+    try:
+        while True:
+            with _ASIDE_LOCK:
+                if not io.pending:
+                    io.aside = None
+                    return
+                starts, ends = io.pending.popleft()
+            with contextlib.suppress(OSError):  # (advice only)
+                for lo, hi in zip(starts.tolist(), ends.tolist()):
+                    for offset in range(lo - lo % mmap.PAGESIZE, hi, io.chunk):
+                        os.posix_fadvise(fd, offset, min(io.chunk, hi - offset), os.POSIX_FADV_WILLNEED)
+    finally:
+        with _ASIDE_LOCK:
+            if io.aside is threading.current_thread():
+                io.aside = None
+            _ASIDE_FDS.discard(fd)
+            os.close(fd)
+
+
+def _after_fork_in_child():
+    global _ASIDE_LOCK
+    _ASIDE_LOCK = threading.RLock()  # (a thread of the parent may have held it)
+    for fd in _ASIDE_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _ASIDE_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=lambda: _ASIDE_LOCK.acquire(), after_in_parent=lambda: _ASIDE_LOCK.release(),
+                        after_in_child=_after_fork_in_child)
 
 
 def _resident(fd, offset):
@@ -3552,10 +3607,10 @@ class QuasiRandomSampler:
     def __init__(self, store, batch_size, *, seed=0, rank=0, world_size=1, drop_last=False, block_bytes=8 << 20):
         self.batch_size = _check_batch_size(batch_size)
         world_size = _check_batch_size(world_size, "world_size")
-        block_bytes = _check_batch_size(block_bytes, "block_bytes")
+        block_bytes = min(_check_batch_size(block_bytes, "block_bytes"), 1 << 62)  # (more: one block)
         if not (_is_int(rank) and 0 <= rank < world_size):
             raise ValueError(f"rank must be an int in [0, {world_size}) for world_size={world_size}, got {rank!r}")
-        self.store, self.seed, self.rank, self.world_size = store, int(seed), int(rank), world_size
+        self.store, self.seed, self.rank, self.world_size = store, _check_seed(seed, "seed"), int(rank), world_size
         self.drop_last, self.epoch = bool(drop_last), 0
         self.blocks = _block_starts(store, block_bytes)  # each block's first index, then len(store)
         n = int(self.blocks[-1])
@@ -3563,13 +3618,13 @@ class QuasiRandomSampler:
 
     def set_epoch(self, epoch):
         """Use epoch's order (call it before each epoch, as with DistributedSampler)."""
-        self.epoch = int(epoch)
+        self.epoch = _check_seed(epoch, "epoch")
 
     def __len__(self):
         return self.per_rank // self.batch_size if self.drop_last else -(-self.per_rank // self.batch_size)
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed % (1 << 64), self.epoch % (1 << 64)])  # (numpy's are unsigned)
         windows = self._windows(rng)
         carry, window = np.zeros(0, np.int64), next(windows, None)
         if window is not None:
@@ -3622,6 +3677,13 @@ class QuasiRandomSampler:
     def __repr__(self):
         return (f"QuasiRandomSampler({len(self)} batches of {self.batch_size}, rank {self.rank} of "
                 f"{self.world_size}, {len(self.blocks) - 1} blocks, epoch {self.epoch})")
+
+
+def _check_seed(value, name):
+    """An int seed or epoch (negative ones too, as torch takes them)."""
+    if not _is_int(value):
+        raise TypeError(f"QuasiRandomSampler's {name} must be an int, got {value!r}")
+    return int(value)
 
 
 def _block_starts(store, block_bytes):

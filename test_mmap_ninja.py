@@ -3,6 +3,7 @@ import bisect
 import errno
 import gc
 import json
+import mmap
 import os
 import pathlib
 import pickle
@@ -12,7 +13,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -1686,6 +1689,8 @@ def test_willneed_calls_are_as_large_as_the_device_honours(tmp_path, monkeypatch
         assert honoured(0, 64, disk) == 64 << 10  # a small device: what it takes
         assert honoured(8192, 4096, None) == 128 << 10  # no block device (tmpfs, NFS, btrfs): 128 KB
         assert honoured("many", 4096, disk) == 128 << 10  # (anything odd: the same)
+        page = mmap.PAGESIZE  # (each call starts on a page: a size of 1023 KB would stop at the first)
+        assert honoured(128, 1023, disk) == (1023 << 10) // page * page and honoured(-8, -4, disk) == 128 << 10
         assert honoured(8192, 4096, disk) == 2 << 20
     finally:
         os.close(fd)
@@ -1699,8 +1704,110 @@ def test_willneed_calls_are_as_large_as_the_device_honours(tmp_path, monkeypatch
         return real(fd, offset, length, advice)
     monkeypatch.setattr(os, "posix_fadvise", recording_fadvise)
     store.prefetch(range(6))
-    store._io.aside.join()
+    settle(store)
     assert asked == [(k << 21, 2 << 20) for k in range(3)]
+
+
+def settle(store):
+    """Wait until the store's prefetches are asked for."""
+    thread = store._io.aside
+    if thread is not None:
+        thread.join()
+
+
+def aside_threads():
+    return [t for t in threading.enumerate() if getattr(t, "_target", None) is mmap_ninja._advise_aside]
+
+
+@linux_only
+@pytest.mark.skipif(not (mmap_ninja._PROBE and hasattr(os, "posix_fadvise")), reason="needs RWF_NOWAIT and fadvise")
+def test_prefetches_use_one_thread_and_descriptor_per_store_and_drop_the_oldest(tmp_path, monkeypatch):
+    # a loader announcing batches faster than the disk serves them: one thread and one
+    # descriptor per store, at most PENDING prefetches waiting, asked for in order, newest kept
+    RaggedMmap.from_lists(tmp_path / "r", [np.full(1024, k, np.int32) for k in range(400)])  # 4 KB each
+    store = RaggedMmap(tmp_path / "r")
+    monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)
+    asked, real, gate = [], os.posix_fadvise, threading.Event()
+
+    def slow_fadvise(fd, offset, length, advice):
+        gate.wait(10)
+        asked.append(offset // 4096)
+        return real(fd, offset, length, advice)
+    monkeypatch.setattr(os, "posix_fadvise", slow_fadvise)
+    fds, threads = len(os.listdir("/proc/self/fd")), len(aside_threads())
+    for k in range(0, 400, 10):  # 40 prefetches, far apart (a range each)
+        store.prefetch([k])
+        assert len(aside_threads()) <= threads + 1 and len(os.listdir("/proc/self/fd")) <= fds + 1
+    assert len(store._io.pending) == store._io.PENDING
+    gate.set()
+    settle(store)
+    assert asked[0] == 0 and asked[1:] == list(range(400 - 10 * store._io.PENDING, 400, 10))
+    assert len(aside_threads()) == threads and len(os.listdir("/proc/self/fd")) == fds
+    assert mmap_ninja._ASIDE_FDS == set()
+    store.prefetch([5])  # and the next prefetch starts a thread again
+    settle(store)
+    assert asked[-1] == 5 and store[5][0] == 5
+    # a forked child (a DataLoader worker, say) closes the descriptors of the parent's threads
+    gate.clear()
+    store.prefetch([7])
+    held = set(mmap_ninja._ASIDE_FDS)
+    assert len(held) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (fork with threads: ours are accounted for)
+        pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            ok = not mmap_ninja._ASIDE_FDS and not any(os.path.exists(f"/proc/self/fd/{fd}") for fd in held)
+            gate.set()
+            store.prefetch([9])  # (its own thread)
+            settle(store)
+            status = 0 if ok and asked[-1] == 9 and store[9][0] == 9 else 2
+        finally:
+            os._exit(status)
+    for _ in range(600):  # (a child that deadlocks fails the test rather than hang it)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    gate.set()
+    settle(store)
+    assert status == 0 and asked[-1] == 7
+    store.close()
+
+
+@pytest.mark.skipif(not mmap_ninja._ADVISE, reason="needs madvise")
+def test_prefetch_and_batch_reads_ask_where_the_cache_cannot_be_probed(tmp_path, monkeypatch):
+    # NFS, CIFS, old FUSE: preadv(RWF_NOWAIT) fails with EOPNOTSUPP, so nothing tells cold from
+    # hot; store.cold = True must still ask for what batch reads and prefetches need
+    RaggedMmap.from_lists(tmp_path / "r", [np.full((3, 1024), k, np.int32) for k in range(64)])  # 12 KB each
+    real_preadv = getattr(os, "preadv", None)
+
+    def no_nowait(fd, buffers, offset, flags=0):
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_preadv(fd, buffers, offset)
+    if real_preadv is not None:
+        monkeypatch.setattr(os, "preadv", no_nowait)
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: pytest.fail("a prefetch thread without a probe"),
+                        raising=False)
+    asked = record_willneed(monkeypatch)
+    store = RaggedMmap(tmp_path / "r")
+    assert not store.cold and store._io.fd is None  # (the probe failed: it is not used again)
+    store.prefetch([3, 40])
+    assert asked == [(3 * 12288, 4 * 12288), (40 * 12288, 41 * 12288)]
+    asked.clear()
+    assert [int(x[0, 0]) for x in store[[10, 50]]] == [10, 50] and asked == []  # hot, as far as it knows
+    store.cold = True
+    assert [int(x[0, 0]) for x in store[[11, 51]]] == [11, 51]
+    assert asked == [(11 * 12288, 12 * 12288), (51 * 12288, 52 * 12288)]
+    asked.clear()
+    padded, lengths = store.get_padded([20, 21])
+    assert padded[:, 0, 0].tolist() == [20, 21] and asked == [(20 * 12288, 22 * 12288)]
 
 
 def evict_store(path):
@@ -3187,6 +3294,19 @@ def test_quasi_random_sampler_refuses_bad_arguments(tmp_path):
             mmap_ninja.QuasiRandomSampler(store, 4, **kwargs)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         mmap_ninja.QuasiRandomSampler(store, 0)
+    for kwargs in (dict(seed=1.5), dict(seed=None), dict(seed="1")):
+        with pytest.raises(TypeError, match=f"^QuasiRandomSampler's seed must be an int, got {kwargs['seed']!r}$"):
+            mmap_ninja.QuasiRandomSampler(store, 4, **kwargs)
+    with pytest.raises(TypeError, match="^QuasiRandomSampler's epoch must be an int, got 1.7$"):
+        mmap_ninja.QuasiRandomSampler(store, 4).set_epoch(1.7)
+    # negative seeds and epochs work (torch takes them), and so does a block larger than any store
+    sampler = mmap_ninja.QuasiRandomSampler(store, 4, seed=-1, block_bytes=2 ** 70)
+    sampler.set_epoch(-2)
+    assert sampler.seed == -1 and sampler.epoch == -2 and len(sampler.blocks) == 2
+    assert sorted(i for batch in sampler for i in batch) == list(range(10))
+    same = mmap_ninja.QuasiRandomSampler(store, 4, seed=2 ** 64 - 1, block_bytes=1 << 62)
+    same.set_epoch(2 ** 64 - 2)
+    assert list(same) == list(sampler)
     with pytest.raises(ValueError, match="^num_shards must be a positive integer, got 0"):
         ShardedMmap.from_indexable(tmp_path / "shards", ["a"], 0)
 
