@@ -1303,15 +1303,16 @@ def np_open_existing(out_dir, mode="r"):
     return _open_memmap(out_dir, mode)
 
 
-def np_empty(out_dir, dtype, shape, order="C"):
-    """Create a numpy store of zeros and return it as a writable ``np.memmap``."""
+def np_empty(out_dir, dtype, shape, order="C", *, durable=False):
+    """Create a numpy store of zeros and return it as a writable ``np.memmap`` (``durable``:
+    fsync-ed first)."""
     dtype = np.dtype(dtype)
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(a) for a in shape)
     nbytes = math.prod(shape) * dtype.itemsize
     if min(shape, default=0) < 0 or nbytes >= 1 << 63:
         raise ValueError(f"{out_dir}: cannot make a store of shape {shape} and dtype {dtype}: axes "
                          f"must be >= 0 and the data smaller than 2**63 bytes")
-    with _creating(out_dir) as build:
+    with _creating(out_dir, durable) as build:
         _write_meta(build, dtype, shape, order, data=b"")
         fd = _open_fd(os.path.join(build, "data.ninja"), "data", True, build)
         try:  # blocks allocated now: on a full disk, ENOSPC here rather than SIGBUS at first write
@@ -1324,11 +1325,12 @@ def np_empty(out_dir, dtype, shape, order="C"):
     return _open_memmap(out_dir, "r+")
 
 
-def np_from_ndarray(out_dir, arr):
-    """Write ``arr`` as a numpy store in ``out_dir``; returns it as a writable ``np.memmap``."""
+def np_from_ndarray(out_dir, arr, *, durable=False):
+    """Write ``arr`` as a numpy store in ``out_dir``; returns it as a writable ``np.memmap``.
+    ``durable``: fsync the store (and its swap into place) before returning."""
     arr = _as_sample(arr, out_dir)
     order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-    with _creating(out_dir) as build:
+    with _creating(out_dir, durable) as build:
         if arr.ndim == 0:
             _write_meta(build, arr.dtype, (), order, data=arr.tobytes())
         else:
@@ -1338,12 +1340,13 @@ def np_from_ndarray(out_dir, arr):
     return _open_memmap(out_dir, "r+")
 
 
-def np_from_generator(out_dir, sample_generator, batch_size, verbose=False):
+def np_from_generator(out_dir, sample_generator, batch_size, verbose=False, *, durable=False):
     """Stack the samples of a generator into a numpy store; at most one batch is held in memory.
-    The store appears when the generator is exhausted (an old one stays until then)."""
+    The store appears when the generator is exhausted (an old one stays until then);
+    ``durable``: fsync-ed first."""
     batch_size = _check_batch_size(batch_size)
     samples = iter(_progress(sample_generator, desc="numpy", verbose=verbose))
-    with _creating(out_dir) as build:
+    with _creating(out_dir, durable) as build:
         for first in samples:  # the first sample chooses the dtype and the row shape
             sample = _as_sample(first, out_dir)
             _write_meta(build, sample.dtype, (0,) + sample.shape)
@@ -3378,7 +3381,7 @@ class ShardedMmap:
 
     @classmethod
     def from_indexable(cls, out_dir, indexable, num_shards, *, executor=None, kind=None, batch_size=4096,
-                       verbose=False, wrapper_fn=None):
+                       verbose=False, wrapper_fn=None, durable=False):
         """Write ``indexable[0], ..., indexable[len - 1]`` as ``num_shards`` stores under ``out_dir``,
         each written by one task of ``executor`` (any ``concurrent.futures.Executor``: a Dask
         cluster's ``client.get_executor()``, ``mpi4py.futures.MPIPoolExecutor``, a process pool;
@@ -3391,6 +3394,8 @@ class ShardedMmap:
         renamed): a failed task or a killed worker leaves nothing ``ShardedMmap`` reads, and
         calling again with the same arguments writes only the missing shards. ``out_dir``
         records its layout (``shards.json``): another layout there is refused, never mixed.
+        ``durable``: each shard (and the layout) is fsync-ed before it appears, so a shard that
+        exists survives its node's power loss.
         """
         out_dir = os.fspath(out_dir)
         n = _length(indexable)
@@ -3411,7 +3416,7 @@ class ShardedMmap:
                              f"and row shape from its first item; use kind='ragged', or np_empty")
         bounds = [n * k // num_shards for k in range(num_shards + 1)]
         layout = {"num_shards": num_shards, "length": n, "kind": kind, "bounds": bounds}
-        names = _shard_names(out_dir, layout)
+        names = _shard_names(out_dir, layout, durable)
         missing = [k for k, name in enumerate(names)
                    if not _complete(os.path.join(out_dir, name), bounds[k + 1] - bounds[k])]
         if missing:
@@ -3426,7 +3431,7 @@ class ShardedMmap:
             executor = ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1))
         try:
             tasks = [executor.submit(_write_shard, os.path.join(out_dir, names[k]), indexable, bounds[k],
-                                     bounds[k + 1], kind, batch_size) for k in missing]
+                                     bounds[k + 1], kind, batch_size, durable) for k in missing]
             failed = None
             for task in _progress(as_completed(tasks), total=len(tasks), desc="shards", verbose=verbose):
                 if task.exception() is not None and failed is None:
@@ -3483,6 +3488,21 @@ class ShardedMmap:
         for k in np.unique(shard_of).tolist():
             _prefetch(self.shards[k], idx[shard_of == k] - self._bounds[k])
 
+    @property
+    def cold(self):
+        """Whether any shard's reads treat its data as not in the page cache (see
+        RaggedMmap.cold). Setting it sets every ragged and strings shard's; a numpy shard is a
+        plain np.memmap, read without probing."""
+        return any(shard.cold for shard in self._sequences())
+
+    @cold.setter
+    def cold(self, value):
+        for shard in self._sequences():
+            shard.cold = value
+
+    def _sequences(self):
+        return [s for s in (s.data if isinstance(s, Wrapped) else s for s in self.shards) if isinstance(s, _Sequence)]
+
     def __repr__(self):
         return f"ShardedMmap({len(self.paths)} shards, {len(self)} samples)"
 
@@ -3505,17 +3525,17 @@ _SHARD_WRITERS = {"ragged": RaggedMmap.from_generator, "strings": StringsMmap.fr
                   "numpy": np_from_generator}
 
 
-def _write_shard(path, source, start, stop, kind, batch_size):
+def _write_shard(path, source, start, stop, kind, batch_size, durable=False):
     """One task of ShardedMmap.from_indexable: source[start:stop] as the store at path (built
     aside and renamed when complete, so safe to run twice). Returns its length."""
     if kind == "numpy" and start == stop:  # (more shards than items) the first gives the rows
         first = _as_sample(source[0], path)
-        np_empty(path, first.dtype, (0,) + first.shape)
+        np_empty(path, first.dtype, (0,) + first.shape, durable=durable)
         return
-    _SHARD_WRITERS[kind](path, (source[i] for i in range(start, stop)), batch_size)
+    _SHARD_WRITERS[kind](path, (source[i] for i in range(start, stop)), batch_size, durable=durable)
 
 
-def _shard_names(out_dir, layout):
+def _shard_names(out_dir, layout, durable=False):
     """The shard directory names of a conversion to out_dir, after recording its layout there,
     or checking that the layout recorded there is the same."""
     manifest = os.path.join(out_dir, "shards.json")
@@ -3532,7 +3552,7 @@ def _shard_names(out_dir, layout):
         if others:
             raise ValueError(f"{out_dir} is not empty ({_short(sorted(others))}): a conversion "
                              f"writes its shards into a directory of its own")
-        _replace_file(manifest, json.dumps(layout).encode())
+        _replace_file(manifest, json.dumps(layout).encode(), durable)
     return _layout_names(layout)
 
 

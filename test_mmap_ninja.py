@@ -1377,6 +1377,35 @@ def test_durable_appends_fsync_before_and_after_commit(tmp_path, monkeypatch):
     assert len(synced) == sum(len(fs) + 1 for _, _, fs in os.walk(tmp_path / "s"))  # files and dirs
 
 
+@pytest.mark.parametrize("kind", ["ragged", "numpy", "strings"])
+def test_durable_shards_and_numpy_stores_are_fsynced_before_they_appear(kind, tmp_path, monkeypatch):
+    synced, real = [], mmap_ninja._fsync_tree  # the trees fsync-ed: (path, recurse)
+
+    def recording(root, recurse=True):
+        synced.append((os.path.basename(root), recurse))
+        return real(root, recurse)
+    monkeypatch.setattr(mmap_ninja, "_fsync_tree", recording)
+    source = {"ragged": [np.arange(k) for k in range(5)], "strings": ["a", "bc", "d", "ef", "g"],
+              "numpy": np.arange(10).reshape(5, 2)}[kind]
+    with ThreadPoolExecutor(2) as pool:  # (in this process, where the spy is)
+        ShardedMmap.from_indexable(tmp_path / "plain", source, 6, executor=pool, kind=kind)
+        assert synced == []  # by default nothing is fsync-ed
+        shards = ShardedMmap.from_indexable(tmp_path / "out", source, 6, executor=pool, kind=kind, durable=True)
+    # each of the 6 shards (one empty) is fsync-ed whole while hidden, then its directory entry
+    built = sorted(name for name, recurse in synced if recurse)
+    assert len(built) == 6 and all(name.startswith(".shard-") and ".ninja-new-" in name for name in built)
+    assert sorted(set(name for name, _ in synced) - set(built)) == ["out"] and len(synced) == 12
+    if kind == "strings":
+        assert shards[:] == source
+    else:
+        assert_same_samples(shards[:], list(source))
+    synced.clear()
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(3), durable=True)
+    np_ninja.from_generator(tmp_path / "g", iter([np.arange(2)]), 1, durable=True)
+    np_ninja.empty(tmp_path / "e", np.int8, (2,), durable=True)
+    assert [recurse for _, recurse in synced] == [True, False] * 3
+
+
 @pytest.mark.parametrize("kind", ["ragged", "numpy", "strings", "indexable"])
 def test_conversion_memory_is_bounded(kind, tmp_path):
     import tracemalloc
@@ -1778,6 +1807,22 @@ def test_prefetches_use_one_thread_and_descriptor_per_store_and_drop_the_oldest(
     settle(store)
     assert status == 0 and asked[-1] == 7
     store.close()
+
+
+def test_sharded_cold_is_its_shards_cold(tmp_path):
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(3)])
+    StringsMmap.from_strings(tmp_path / "s", ["ab"])
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(4).reshape(2, 2))
+    store = ShardedMmap([tmp_path / "r", tmp_path / "s", tmp_path / "n"])
+    ragged, strings, _ = store.shards
+    for value in (True, False, True):
+        store.cold = value
+        assert store.cold is value and ragged.cold is value and strings.cold is value
+    ragged.cold = False
+    assert store.cold and not ragged.cold and strings.cold  # (any shard cold)
+    store.cold = None  # probes decide again
+    assert ragged._io.forced is None and strings._io.forced is None
+    assert store[0].tolist() == [0, 1, 2] and store[1] == "ab" and store[2].tolist() == [0, 1]
 
 
 @pytest.mark.skipif(not mmap_ninja._ADVISE, reason="needs madvise")
