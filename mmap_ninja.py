@@ -993,14 +993,15 @@ class _ReadAhead:
         self.asked = []  # the byte ranges of the last prefetches: (starts, ends) arrays
         self.pending = collections.deque(maxlen=self.PENDING)  # prefetches not yet asked for: ranges
         self.aside = None  # the thread asking for them (_advise_aside), while it runs
+        self.probing = False  # whether fd can tell cached pages (_resident)
     def remap(self, data, mm, path, itemsize, starts):
         """A new mapping of the data (the store's verdict carries over remaps; a first mapping
         probes a few samples across the store, at start indices starts)."""
         self.close()
         self.data, self.mm, self.itemsize = data, mm, itemsize
-        if _PROBE and mm is not None:
+        if mm is not None and (_PROBE or hasattr(os, "posix_fadvise")):  # (to probe, and to prefetch)
             self.fd = os.open(path, _O_READ)
-            self.chunk = _honoured(self.fd)
+            self.chunk, self.probing = _honoured(self.fd), _PROBE
         first = self.count == 0 and self.forced is None
         self.count += 1
         for i in sorted({0, len(starts) // 3, 2 * len(starts) // 3, len(starts) - 1}) if first and len(starts) else ():
@@ -1017,11 +1018,11 @@ class _ReadAhead:
     def resident(self, offset):
         """Whether the page holding byte offset is in the page cache (True when that cannot be
         told); probing a page that is not starts reading it."""
-        if self.fd is None or not 0 <= offset < len(self.mm):
+        if not self.probing or self.fd is None or not 0 <= offset < len(self.mm):
             return True
         resident = _resident(self.fd, offset)
-        if resident is None:  # a file system without RWF_NOWAIT: stop probing
-            self.close()
+        if resident is None:  # a file system without RWF_NOWAIT (NFS, CIFS): stop probing
+            self.probing = False
         return resident is not False
 
     def seen(self, offset):
@@ -1053,7 +1054,7 @@ class _ReadAhead:
             return
         probes = [self.seen(int(starts[k]) * self.itemsize) for k in {0, len(starts) // 2}]
         starts, ends = starts * self.itemsize, ends * self.itemsize
-        known = self.fd is not None  # (no probe, on a file system without RWF_NOWAIT: cold asks)
+        known = self.probing  # (where nothing can be probed, cold asks)
         if self.cold and not (known and all(probes)) and not self.asked_for(starts, ends):
             self.ask(starts, ends)
 
@@ -1069,16 +1070,18 @@ class _ReadAhead:
             self.asked = self.asked[-1:] + [ranges]
             middles = (ranges[0] + ranges[1]) // 2  # (a range's first page may be its neighbour's)
             cached = all([self.resident(m) for m in middles[::max(1, len(middles) // 8)].tolist()])
-            if cached and self.fd is not None:
+            if cached and self.probing:
                 return  # (a few probes across the ranges found them all cached)
         if prefetch and self.fd is not None and hasattr(os, "posix_fadvise"):
             with _ASIDE_LOCK:  # one thread per store asks, in the order asked; it ends when done
                 self.pending.append(ranges)
                 if self.aside is None or not self.aside.is_alive():
                     self.aside = _start_aside(self)
-        else:
-            for lo, hi in zip(*(r.tolist() for r in ranges)):
-                _willneed(self.mm, lo, hi, self.chunk)
+                if self.aside is not None:
+                    return
+                self.pending.clear()  # (no thread could start: asked for here)
+        for lo, hi in zip(*(r.tolist() for r in ranges)):
+            _willneed(self.mm, lo, hi, self.chunk)
 
     def asked_for(self, starts, ends):
         """Whether every byte range [starts, ends) lies in a range of the last prefetches."""
@@ -1106,10 +1109,11 @@ class _ReadAhead:
                     self.mm.madvise(mmap.MADV_NORMAL)
 
     def close(self):
-        self.pending.clear()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        with _ASIDE_LOCK:  # (against the aside thread, and another thread closing)
+            fd, self.fd, self.probing, self.asked = self.fd, None, False, []
+            self.pending.clear()
+        if fd is not None:
+            os.close(fd)
 
     __del__ = close
 
@@ -1148,9 +1152,10 @@ def _start_aside(io):
     prefetches are advice only). Called with _ASIDE_LOCK held."""
     try:
         fd = os.dup(io.fd)
-    except OSError:  # (out of descriptors)
+    except (OSError, TypeError):  # (out of descriptors; closed)
         return None
-    thread = threading.Thread(target=_advise_aside, args=(io, fd), daemon=True)
+    # (a weak reference: a store dropped meanwhile is freed at once, and its prefetches with it)
+    thread = threading.Thread(target=_advise_aside, args=(weakref.ref(io), fd), daemon=True)
     _ASIDE_FDS.add(fd)
     try:
         thread.start()
@@ -1161,23 +1166,26 @@ def _start_aside(io):
     return thread
 
 
-def _advise_aside(io, fd):
-    """_willneed's work for io's pending prefetches, oldest first, through fd (posix_fadvise
-    releases the GIL); ends, closing fd, when none are left."""
+def _advise_aside(ref, fd):
+    """_willneed's work for the pending prefetches of ref() (a _ReadAhead), oldest first,
+    through fd (posix_fadvise releases the GIL); ends, closing fd, when none are left."""
     try:
         while True:
             with _ASIDE_LOCK:
-                if not io.pending:
-                    io.aside = None
+                io = ref()
+                if io is None or not io.pending:
+                    if io is not None:
+                        io.aside = None
                     return
-                starts, ends = io.pending.popleft()
+                (starts, ends), chunk, io = io.pending.popleft(), io.chunk, None
             with contextlib.suppress(OSError):  # (advice only)
                 for lo, hi in zip(starts.tolist(), ends.tolist()):
-                    for offset in range(lo - lo % mmap.PAGESIZE, hi, io.chunk):
-                        os.posix_fadvise(fd, offset, min(io.chunk, hi - offset), os.POSIX_FADV_WILLNEED)
+                    for offset in range(lo - lo % mmap.PAGESIZE, hi, chunk):
+                        os.posix_fadvise(fd, offset, min(chunk, hi - offset), os.POSIX_FADV_WILLNEED)
     finally:
         with _ASIDE_LOCK:
-            if io.aside is threading.current_thread():
+            io = ref()
+            if io is not None and io.aside is threading.current_thread():
                 io.aside = None
             _ASIDE_FDS.discard(fd)
             os.close(fd)
@@ -1835,8 +1843,9 @@ class _Sequence:
 
     def close(self):
         """Release the maps and descriptors. Samples already returned stay valid until dropped."""
-        self._release()
-        self._closed = True
+        with self._lock():  # (a prefetch or read in another thread must not map it again)
+            self._closed = True
+            self._release()
 
     def __enter__(self):
         return self
@@ -1857,8 +1866,11 @@ class _Sequence:
     def prefetch(self, indices):
         """Start reading samples ``indices`` (an int, slice, list, array or mask) from disk and
         return at once, so that a loader can announce batch k+1 while it works on batch k.
-        Pages already in the page cache are skipped; it never changes what is read. Batch reads
-        ask for their own samples while the data is cold; see ``cold``."""
+        Pages found in the page cache are skipped (where it can be probed); it never changes
+        what is read. One thread per store asks the kernel, and at most 8 prefetches wait for
+        it (a loader far ahead of the disk drops its oldest); where ``posix_fadvise`` is
+        missing (macOS), the call asks itself. Batch reads ask for their own samples while the
+        data is cold; see ``cold``."""
         idx = _as_indices([indices] if _is_int(indices) else indices, self._n, self.out_dir)
         with self._lock():
             self._map_all()
@@ -3441,6 +3453,9 @@ class ShardedMmap:
         finally:
             if own:
                 executor.shutdown(cancel_futures=True)
+        if durable:  # (shards an earlier run wrote too, and out_dir's own entry)
+            _fsync_tree(out_dir)
+            _fsync_tree(os.path.dirname(os.path.abspath(out_dir)), recurse=False)
         return cls(out_dir, wrapper_fn)
 
     def __len__(self):
@@ -3644,7 +3659,7 @@ class QuasiRandomSampler:
         return self.per_rank // self.batch_size if self.drop_last else -(-self.per_rank // self.batch_size)
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed % (1 << 64), self.epoch % (1 << 64)])  # (numpy's are unsigned)
+        rng = np.random.default_rng([x % (1 << 64) if x < 0 else x for x in (self.seed, self.epoch)])  # (unsigned)
         windows = self._windows(rng)
         carry, window = np.zeros(0, np.int64), next(windows, None)
         if window is not None:

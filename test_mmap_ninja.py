@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -1391,10 +1392,12 @@ def test_durable_shards_and_numpy_stores_are_fsynced_before_they_appear(kind, tm
         ShardedMmap.from_indexable(tmp_path / "plain", source, 6, executor=pool, kind=kind)
         assert synced == []  # by default nothing is fsync-ed
         shards = ShardedMmap.from_indexable(tmp_path / "out", source, 6, executor=pool, kind=kind, durable=True)
-    # each of the 6 shards (one empty) is fsync-ed whole while hidden, then its directory entry
-    built = sorted(name for name, recurse in synced if recurse)
+    # each of the 6 shards (one empty) is fsync-ed whole while hidden, then its directory
+    # entry; and at the end the whole conversion (shards of an earlier run too) and its entry
+    assert synced[-2:] == [("out", True), (tmp_path.name, False)]
+    built = sorted(name for name, recurse in synced[:-2] if recurse)
     assert len(built) == 6 and all(name.startswith(".shard-") and ".ninja-new-" in name for name in built)
-    assert sorted(set(name for name, _ in synced) - set(built)) == ["out"] and len(synced) == 12
+    assert sorted(set(name for name, _ in synced[:-2]) - set(built)) == ["out"] and len(synced) == 14
     if kind == "strings":
         assert shards[:] == source
     else:
@@ -1635,8 +1638,9 @@ def test_cold_reads_and_prefetch_never_change_what_is_read(name, tmp_path, monke
         shard.cold = False
     asked.clear()
     assert same_reads(read_everything(store, np.random.default_rng(1)), plain) and asked == []
-    monkeypatch.setattr(mmap_ninja, "_ADVISE", False)  # a platform without madvise (or the probe)
-    monkeypatch.setattr(mmap_ninja, "_PROBE", False)
+    monkeypatch.setattr(mmap_ninja, "_ADVISE", False)  # a platform without madvise (or the probe,
+    monkeypatch.setattr(mmap_ninja, "_PROBE", False)  # or posix_fadvise: Windows)
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
 
     class NoAdvice:
         def __len__(self):
@@ -1756,9 +1760,10 @@ def test_prefetches_use_one_thread_and_descriptor_per_store_and_drop_the_oldest(
     RaggedMmap.from_lists(tmp_path / "r", [np.full(1024, k, np.int32) for k in range(400)])  # 4 KB each
     store = RaggedMmap(tmp_path / "r")
     monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)
-    asked, real, gate = [], os.posix_fadvise, threading.Event()
+    asked, real, gate, entered = [], os.posix_fadvise, threading.Event(), threading.Event()
 
     def slow_fadvise(fd, offset, length, advice):
+        entered.set()
         gate.wait(10)
         asked.append(offset // 4096)
         return real(fd, offset, length, advice)
@@ -1766,6 +1771,7 @@ def test_prefetches_use_one_thread_and_descriptor_per_store_and_drop_the_oldest(
     fds, threads = len(os.listdir("/proc/self/fd")), len(aside_threads())
     for k in range(0, 400, 10):  # 40 prefetches, far apart (a range each)
         store.prefetch([k])
+        assert k or entered.wait(10)  # (the first is being asked for: the rest wait)
         assert len(aside_threads()) <= threads + 1 and len(os.listdir("/proc/self/fd")) <= fds + 1
     assert len(store._io.pending) == store._io.PENDING
     gate.set()
@@ -1806,7 +1812,38 @@ def test_prefetches_use_one_thread_and_descriptor_per_store_and_drop_the_oldest(
     gate.set()
     settle(store)
     assert status == 0 and asked[-1] == 7
-    store.close()
+    # a store dropped with prefetches waiting is freed at once, maps and all; they are dropped
+    gate.clear()
+    entered.clear()
+    for k in (100, 200, 300):
+        store.prefetch([k])
+        assert k > 100 or entered.wait(10)
+    thread, io = store._io.aside, weakref.ref(store._io)
+    del store
+    gc.collect()
+    assert io() is None and str(tmp_path / "r" / "data.ninja") not in pathlib.Path("/proc/self/maps").read_text()
+    gate.set()
+    thread.join()
+    data = str(tmp_path / "r" / "data.ninja")
+    open_files = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    assert asked[-1] == 100 and len(aside_threads()) == threads and data not in open_files
+
+
+@pytest.mark.skipif(not (mmap_ninja._ADVISE and hasattr(os, "posix_fadvise")), reason="needs madvise and fadvise")
+def test_a_prefetch_no_thread_can_take_is_asked_for_at_once(tmp_path, monkeypatch):
+    RaggedMmap.from_lists(tmp_path / "r", [np.full(1024, k, np.int32) for k in range(100)])
+    store = RaggedMmap(tmp_path / "r")
+    store.cold = True
+    monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)
+    asked = record_willneed(monkeypatch)
+
+    def no_descriptors(fd):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(os, "dup", no_descriptors)
+    store.prefetch([10, 50])  # (advice: never an error)
+    assert asked == [(40960, 45056), (204800, 208896)] and store._io.aside is None
+    asked.clear()
+    assert [int(x[0]) for x in store[[10, 50]]] == [10, 50] and asked == []  # (asked for already)
 
 
 def test_sharded_cold_is_its_shards_cold(tmp_path):
@@ -1825,7 +1862,7 @@ def test_sharded_cold_is_its_shards_cold(tmp_path):
     assert store[0].tolist() == [0, 1, 2] and store[1] == "ab" and store[2].tolist() == [0, 1]
 
 
-@pytest.mark.skipif(not mmap_ninja._ADVISE, reason="needs madvise")
+@pytest.mark.skipif(not (mmap_ninja._ADVISE and hasattr(os, "posix_fadvise")), reason="needs madvise and fadvise")
 def test_prefetch_and_batch_reads_ask_where_the_cache_cannot_be_probed(tmp_path, monkeypatch):
     # NFS, CIFS, old FUSE: preadv(RWF_NOWAIT) fails with EOPNOTSUPP, so nothing tells cold from
     # hot; store.cold = True must still ask for what batch reads and prefetches need
@@ -1838,14 +1875,16 @@ def test_prefetch_and_batch_reads_ask_where_the_cache_cannot_be_probed(tmp_path,
         return real_preadv(fd, buffers, offset)
     if real_preadv is not None:
         monkeypatch.setattr(os, "preadv", no_nowait)
-    monkeypatch.setattr(os, "posix_fadvise", lambda *args: pytest.fail("a prefetch thread without a probe"),
-                        raising=False)
+    fadvised, real_fadvise = [], os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: fadvised.append(
+        (offset, offset + length)) or real_fadvise(fd, offset, length, advice))
     asked = record_willneed(monkeypatch)
     store = RaggedMmap(tmp_path / "r")
-    assert not store.cold and store._io.fd is None  # (the probe failed: it is not used again)
-    store.prefetch([3, 40])
-    assert asked == [(3 * 12288, 4 * 12288), (40 * 12288, 41 * 12288)]
-    asked.clear()
+    assert not store.cold and not store._io.probing  # (the probe failed: it is not used again)
+    store.prefetch([3, 40])  # (by its thread, as anywhere: nothing is skipped as cached)
+    settle(store)
+    assert fadvised == [(3 * 12288 // 4096 * 4096, 4 * 12288), (40 * 12288 // 4096 * 4096, 41 * 12288)]
+    assert asked == []
     assert [int(x[0, 0]) for x in store[[10, 50]]] == [10, 50] and asked == []  # hot, as far as it knows
     store.cold = True
     assert [int(x[0, 0]) for x in store[[11, 51]]] == [11, 51]
