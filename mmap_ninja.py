@@ -992,7 +992,7 @@ class _ReadAhead:
         self.chunk = _CHUNK  # bytes per WILLNEED call (_honoured)
         self.asked = []  # the byte ranges of the last prefetches: (starts, ends) arrays
         self.pending = collections.deque(maxlen=self.PENDING)  # prefetches not yet asked for: ranges
-        self.aside = None  # the thread asking for them (_advise_aside), while it runs
+        self.aside, self.aside_pid = None, 0  # the thread asking for them (_advise_aside), and its process
         self.probing = False  # whether fd can tell cached pages (_resident)
     def remap(self, data, mm, path, itemsize, starts):
         """A new mapping of the data (the store's verdict carries over remaps; a first mapping
@@ -1075,11 +1075,16 @@ class _ReadAhead:
         if prefetch and self.fd is not None and hasattr(os, "posix_fadvise"):
             with _ASIDE_LOCK:  # one thread per store asks, in the order asked; it ends when done
                 self.pending.append(ranges)
-                if self.aside is None or not self.aside.is_alive():
-                    self.aside = _start_aside(self)
-                if self.aside is not None:
-                    return
-                self.pending.clear()  # (no thread could start: asked for here)
+                new = None
+                if self.aside is None or self.aside_pid != os.getpid():  # (none, or the parent's)
+                    new = self.aside = _aside_thread(self)
+                    self.aside_pid = os.getpid()
+                running = self.aside is not None
+            if new is not None:  # (started with the lock released: starting runs code, GC too)
+                running = _start_aside(new, self)
+            if running:
+                return
+            self.pending.clear()  # (no thread could start: asked for here)
         for lo, hi in zip(*(r.tolist() for r in ranges)):
             _willneed(self.mm, lo, hi, self.chunk)
 
@@ -1108,10 +1113,9 @@ class _ReadAhead:
                 with contextlib.suppress(OSError, ValueError):
                     self.mm.madvise(mmap.MADV_NORMAL)
 
-    def close(self):
-        with _ASIDE_LOCK:  # (against the aside thread, and another thread closing)
-            fd, self.fd, self.probing, self.asked = self.fd, None, False, []
-            self.pending.clear()
+    def close(self):  # (under the store's mutex, or from __del__: never two at once)
+        fd, self.fd, self.probing, self.asked = self.fd, None, False, []
+        self.pending.clear()
         if fd is not None:
             os.close(fd)
 
@@ -1147,23 +1151,32 @@ _ASIDE_LOCK = threading.RLock()  # guards every _ReadAhead's pending and aside
 _ASIDE_FDS = set()  # the descriptors the aside threads hold
 
 
-def _start_aside(io):
-    """A running thread asking for io's pending prefetches (None if none can start: the
-    prefetches are advice only). Called with _ASIDE_LOCK held."""
+def _aside_thread(io):
+    """A thread to ask for io's pending prefetches, not started, with a descriptor of its own
+    (None if there is none to be had: the prefetches are advice only). Under _ASIDE_LOCK."""
     try:
         fd = os.dup(io.fd)
     except (OSError, TypeError):  # (out of descriptors; closed)
         return None
+    _ASIDE_FDS.add(fd)
     # (a weak reference: a store dropped meanwhile is freed at once, and its prefetches with it)
     thread = threading.Thread(target=_advise_aside, args=(weakref.ref(io), fd), daemon=True)
-    _ASIDE_FDS.add(fd)
+    thread.fd = fd
+    return thread
+
+
+def _start_aside(thread, io):
+    """Start io's new aside thread; False if it cannot (out of threads)."""
     try:
         thread.start()
-    except RuntimeError:  # (out of threads)
-        _ASIDE_FDS.discard(fd)
-        os.close(fd)
-        return None
-    return thread
+        return True
+    except RuntimeError:
+        with _ASIDE_LOCK:
+            if io.aside is thread:
+                io.aside = None
+            _ASIDE_FDS.discard(thread.fd)
+            os.close(thread.fd)
+        return False
 
 
 def _advise_aside(ref, fd):
@@ -1173,11 +1186,13 @@ def _advise_aside(ref, fd):
         while True:
             with _ASIDE_LOCK:
                 io = ref()
-                if io is None or not io.pending:
+                try:
+                    (starts, ends), chunk = io.pending.popleft(), io.chunk
+                except (AttributeError, IndexError):  # (the store is gone, or nothing is left)
                     if io is not None:
                         io.aside = None
                     return
-                (starts, ends), chunk, io = io.pending.popleft(), io.chunk, None
+                io = None
             with contextlib.suppress(OSError):  # (advice only)
                 for lo, hi in zip(starts.tolist(), ends.tolist()):
                     for offset in range(lo - lo % mmap.PAGESIZE, hi, chunk):

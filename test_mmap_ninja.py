@@ -1829,6 +1829,49 @@ def test_prefetches_use_one_thread_and_descriptor_per_store_and_drop_the_oldest(
     assert asked[-1] == 100 and len(aside_threads()) == threads and data not in open_files
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_prefetch_threads_start_and_stores_close_without_waiting_for_the_aside_lock(tmp_path, monkeypatch):
+    # starting a thread runs code in it (a GC there may finalize another store, which closes it):
+    # a prefetch that waited for that with the aside lock held deadlocked against the close
+    RaggedMmap.from_lists(tmp_path / "r", [np.full(1024, k, np.int32) for k in range(100)])
+    store = RaggedMmap(tmp_path / "r")
+    monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)
+    free, real_start = [], threading.Thread.start
+
+    def start(self):  # another thread wants the lock while this one starts
+        def want():
+            got = mmap_ninja._ASIDE_LOCK.acquire(timeout=2)
+            free.append(got)
+            if got:
+                mmap_ninja._ASIDE_LOCK.release()
+        probe = threading.Thread(target=want)
+        real_start(probe)
+        probe.join()
+        return real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    store.prefetch([1])
+    settle(store)
+    assert free == [True]
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with mmap_ninja._ASIDE_LOCK:
+            holding.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(5)
+    closed = not closer.is_alive()
+    release.set()
+    holder.join()
+    closer.join()
+    assert closed and store._io.fd is None
+
+
 @pytest.mark.skipif(not (mmap_ninja._ADVISE and hasattr(os, "posix_fadvise")), reason="needs madvise and fadvise")
 def test_a_prefetch_no_thread_can_take_is_asked_for_at_once(tmp_path, monkeypatch):
     RaggedMmap.from_lists(tmp_path / "r", [np.full(1024, k, np.int32) for k in range(100)])
