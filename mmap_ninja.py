@@ -841,10 +841,13 @@ def _exchange(a, b):
 
 
 def _fsync_tree(root, recurse=True):
-    """fsync every file and directory under root (root alone when not recurse)."""
+    """fsync every file and directory under root (root alone when not recurse); what is
+    neither (a symlink, a FIFO: not a store's) is skipped."""
     for top, dirs, files in os.walk(root) if recurse else [(root, [], [])]:
         for path in [os.path.join(top, name) for name in files] + [top]:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+            if path != top and not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            fd = os.open(path, _O_READ | (_O_NOFOLLOW if path != top else 0))
             try:
                 os.fsync(fd)
             finally:
@@ -994,6 +997,7 @@ class _ReadAhead:
         self.pending = collections.deque(maxlen=self.PENDING)  # prefetches not yet asked for: ranges
         self.aside, self.aside_pid = None, 0  # the thread asking for them (_advise_aside), and its process
         self.probing = False  # whether fd can tell cached pages (_resident)
+        self.nowait = _PROBE  # whether the file system may (False once a probe found it cannot)
     def remap(self, data, mm, path, itemsize, starts):
         """A new mapping of the data (the store's verdict carries over remaps; a first mapping
         probes a few samples across the store, at start indices starts)."""
@@ -1001,7 +1005,7 @@ class _ReadAhead:
         self.data, self.mm, self.itemsize = data, mm, itemsize
         if mm is not None and (_PROBE or hasattr(os, "posix_fadvise")):  # (to probe, and to prefetch)
             self.fd = os.open(path, _O_READ)
-            self.chunk, self.probing = _honoured(self.fd), _PROBE
+            self.chunk, self.probing = _honoured(self.fd), self.nowait
         first = self.count == 0 and self.forced is None
         self.count += 1
         for i in sorted({0, len(starts) // 3, 2 * len(starts) // 3, len(starts) - 1}) if first and len(starts) else ():
@@ -1022,7 +1026,7 @@ class _ReadAhead:
             return True
         resident = _resident(self.fd, offset)
         if resident is None:  # a file system without RWF_NOWAIT (NFS, CIFS): stop probing
-            self.probing = False
+            self.probing = self.nowait = False
         return resident is not False
 
     def seen(self, offset):
@@ -1115,6 +1119,7 @@ class _ReadAhead:
 
     def close(self):  # (under the store's mutex, or from __del__: never two at once)
         fd, self.fd, self.probing, self.asked = self.fd, None, False, []
+        self.aside = None  # (a thread still asking stops: a remap may bring a new file)
         self.pending.clear()
         if fd is not None:
             os.close(fd)
@@ -1186,11 +1191,12 @@ def _advise_aside(ref, fd):
         while True:
             with _ASIDE_LOCK:
                 io = ref()
+                if io is None or io.aside is not threading.current_thread():
+                    return  # (the store is gone, or closed or remapped: its file may be another)
                 try:
                     (starts, ends), chunk = io.pending.popleft(), io.chunk
-                except (AttributeError, IndexError):  # (the store is gone, or nothing is left)
-                    if io is not None:
-                        io.aside = None
+                except IndexError:  # (nothing is left)
+                    io.aside = None
                     return
                 io = None
             with contextlib.suppress(OSError):  # (advice only)

@@ -1378,6 +1378,18 @@ def test_durable_appends_fsync_before_and_after_commit(tmp_path, monkeypatch):
     assert len(synced) == sum(len(fs) + 1 for _, _, fs in os.walk(tmp_path / "s"))  # files and dirs
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_flush_skips_what_is_not_a_file_or_directory(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3)])
+    os.symlink(tmp_path / "nowhere", tmp_path / "r" / "dangling")  # (a user's, in the store directory)
+    os.mkfifo(tmp_path / "r" / "fifo")
+    outcome = []
+    flusher = threading.Thread(target=lambda: outcome.append(store.flush() or "done"), daemon=True)
+    flusher.start()
+    flusher.join(10)  # (opening a FIFO to fsync it waited for a writer forever)
+    assert outcome == ["done"] and store[0].tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("kind", ["ragged", "numpy", "strings"])
 def test_durable_shards_and_numpy_stores_are_fsynced_before_they_appear(kind, tmp_path, monkeypatch):
     synced, real = [], mmap_ninja._fsync_tree  # the trees fsync-ed: (path, recurse)
@@ -1827,6 +1839,35 @@ def test_prefetches_use_one_thread_and_descriptor_per_store_and_drop_the_oldest(
     data = str(tmp_path / "r" / "data.ninja")
     open_files = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
     assert asked[-1] == 100 and len(aside_threads()) == threads and data not in open_files
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_a_prefetch_after_the_store_is_created_again_asks_for_the_new_file(tmp_path, monkeypatch):
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.full(1024, k, np.int32) for k in range(100)])
+    monkeypatch.setattr(mmap_ninja, "_resident", lambda fd, offset: False)
+    real, gate, entered, seen = os.posix_fadvise, threading.Event(), threading.Event(), []
+
+    def slow_fadvise(fd, offset, length, advice):
+        seen.append((os.fstat(fd).st_ino, offset))
+        entered.set()
+        gate.wait(10)
+        return real(fd, offset, length, advice)
+    monkeypatch.setattr(os, "posix_fadvise", slow_fadvise)
+    store = RaggedMmap(d)
+    store.prefetch([10])
+    assert entered.wait(10)  # (its thread is busy with the old file)
+    old, busy = os.stat(d / "data.ninja").st_ino, store._io.aside
+    shutil.rmtree(d)
+    RaggedMmap.from_lists(d, [np.full(1024, -k, np.int32) for k in range(300)])
+    store.append(np.full(1024, 7, np.int32))  # (finds the new store, and maps it)
+    new = os.stat(d / "data.ninja").st_ino
+    store.prefetch([250])
+    thread = store._io.aside
+    gate.set()
+    busy.join()
+    thread.join()
+    assert old != new and seen == [(old, 40960), (new, 1024000)] and store[250][0] == -250
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
