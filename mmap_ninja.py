@@ -998,6 +998,7 @@ class _ReadAhead:
         self.aside, self.aside_pid = None, 0  # the thread asking for them (_advise_aside), and its process
         self.probing = False  # whether fd can tell cached pages (_resident)
         self.nowait = _PROBE  # whether the file system may (False once a probe found it cannot)
+
     def remap(self, data, mm, path, itemsize, starts):
         """A new mapping of the data (the store's verdict carries over remaps; a first mapping
         probes a few samples across the store, at start indices starts)."""
@@ -1058,8 +1059,8 @@ class _ReadAhead:
             return
         probes = [self.seen(int(starts[k]) * self.itemsize) for k in {0, len(starts) // 2}]
         starts, ends = starts * self.itemsize, ends * self.itemsize
-        known = self.probing  # (where nothing can be probed, cold asks)
-        if self.cold and not (known and all(probes)) and not self.asked_for(starts, ends):
+        # (where nothing can be probed, cold data is asked for)
+        if self.cold and not (self.probing and all(probes)) and not self.asked_for(starts, ends):
             self.ask(starts, ends)
 
     def ask(self, starts, ends, prefetch=False):
@@ -3537,7 +3538,9 @@ class ShardedMmap:
             shard.cold = value
 
     def _sequences(self):
-        return [s for s in (s.data if isinstance(s, Wrapped) else s for s in self.shards) if isinstance(s, _Sequence)]
+        """The ragged and strings shards (unwrapped)."""
+        shards = (s.data if isinstance(s, Wrapped) else s for s in self.shards)
+        return [s for s in shards if isinstance(s, _Sequence)]
 
     def __repr__(self):
         return f"ShardedMmap({len(self.paths)} shards, {len(self)} samples)"
