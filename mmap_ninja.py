@@ -3566,7 +3566,7 @@ _SHARD_WRITERS = {"ragged": RaggedMmap.from_generator, "strings": StringsMmap.fr
 
 def _write_shard(path, source, start, stop, kind, batch_size, durable=False):
     """One task of ShardedMmap.from_indexable: source[start:stop] as the store at path (built
-    aside and renamed when complete, so safe to run twice). Returns its length."""
+    aside and renamed when complete, so safe to run twice)."""
     if kind == "numpy" and start == stop:  # (more shards than items) the first gives the rows
         first = _as_sample(source[0], path)
         np_empty(path, first.dtype, (0,) + first.shape, durable=durable)
