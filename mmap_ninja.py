@@ -855,9 +855,10 @@ def _fsync_tree(root, recurse=True):
 
 
 def _is_store(path, kind):
-    """Whether the directory at path holds a store (of a sequence kind). Without type.ninja
+    """Whether the directory at path holds a store (of a sequence kind, None: any). Without type.ninja
     it holds none yet: a store being created, or the parts a creation killed before its end
-    left, which hold no sample. Samples without type.ninja are damage, not an empty store."""
+    left, which hold no sample (and at most the one byte of an empty store's data.ninja).
+    Samples or data without type.ninja are damage or a copy in progress, not an empty store."""
     if os.path.lexists(os.path.join(path, "type.ninja")):
         return True
     _check_directory(path)
@@ -865,10 +866,16 @@ def _is_store(path, kind):
         n = _count(path) if os.path.lexists(os.path.join(path, "starts", "shape.ninja")) else 0
     except (OSError, ValueError):  # (a creation killed while writing it)
         n = 0
-    if n:
-        raise ValueError(f"{path}: type.ninja is missing, but the directory holds {n} samples: the "
-                         f"store is damaged; if it is a {kind} store, restore the file "
-                         f"(printf {kind} > {os.path.join(path, 'type.ninja')})")
+    data = os.path.join(path, "data.ninja")
+    size = os.lstat(data).st_size if os.path.lexists(data) else 0
+    if n or size > 1:
+        held = f"{n} samples" if n else f"{size} bytes of data in data.ninja"
+        where = os.path.join(path, "type.ninja")
+        restore = f"if it is a {kind} store, restore the file (printf {kind} > {where})" if kind else \
+            f"restore {where} (its kind: ragged, string or numpy)"
+        raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: the "
+                         f"store is damaged, or not completely copied (finish the copy); {restore}, "
+                         f"or remove the directory to start afresh")
     return False
 
 
@@ -3440,7 +3447,7 @@ class ShardedMmap:
         num_shards, batch_size = _check_batch_size(num_shards, "num_shards"), _check_batch_size(batch_size)
         manifest = os.path.join(out_dir, "shards.json")
         if kind is None and os.path.lexists(manifest):  # a rerun: the kind it recorded
-            kind = _read_layout(out_dir).get("kind")
+            kind = _read_layout(out_dir)["kind"]
         if kind is None:
             kind = "strings" if n and isinstance(indexable[0], str) else "ragged"
         if kind not in _SHARD_WRITERS:
@@ -3453,6 +3460,10 @@ class ShardedMmap:
         names = _shard_names(out_dir, layout, durable)
         missing = [k for k, name in enumerate(names)
                    if not _complete(os.path.join(out_dir, name), bounds[k + 1] - bounds[k])]
+        for k in missing:  # (a shard is built where out_dir's entry leads: never through a link)
+            if os.path.islink(os.path.join(out_dir, names[k])):
+                raise PermissionError(f"{os.path.join(out_dir, names[k])} is a symbolic link: a conversion "
+                                      f"writes its shards inside {out_dir} only; remove the link")
         if missing:
             try:
                 pickle.dumps(indexable)
@@ -3596,7 +3607,24 @@ def _shard_names(out_dir, layout, durable=False):
 
 
 def _read_layout(out_dir):
-    return json.loads(_read_bytes(os.path.join(out_dir, "shards.json"), "shard layout"))
+    """The layout a conversion recorded in out_dir, checked: a damaged or hostile shards.json
+    must not make a reader list no shards, or build names without end."""
+    path = os.path.join(out_dir, "shards.json")
+    raw = _read_bytes(path, "shard layout")
+    try:
+        layout = json.loads(raw)
+    except (ValueError, RecursionError):  # (not JSON; an int of over 4300 digits; deep nesting)
+        layout = None
+    bounds = layout.get("bounds") if isinstance(layout, dict) else None
+    if not (isinstance(bounds, list) and len(bounds) >= 2 and all(type(b) is int for b in bounds)
+            and bounds[0] == 0 and all(a <= b for a, b in zip(bounds, bounds[1:]))
+            and layout.get("num_shards") == len(bounds) - 1 and type(layout["num_shards"]) is int
+            and layout.get("length") == bounds[-1] and type(layout["length"]) is int
+            and layout.get("kind") in _SHARD_WRITERS):
+        raise ValueError(f"{path} is damaged: it is not the layout ShardedMmap.from_indexable records "
+                         f"(num_shards, length, kind, bounds from 0 to length), but {_short(raw)}; "
+                         f"restore it, or convert again into a new directory")
+    return layout
 
 
 def _layout_names(layout):
@@ -3629,8 +3657,12 @@ def _shard_dirs(parent):
                                     f"shards of its conversion (missing {_short(missing)}): it is not "
                                     f"complete; run ShardedMmap.from_indexable again to finish it")
         return [os.path.join(parent, name) for name in names]
-    shards = sorted(os.path.join(parent, name) for name in os.listdir(parent)
-                    if not name.startswith(".") and os.path.lexists(os.path.join(parent, name, "type.ninja")))
+    shards = []
+    for path in sorted(os.path.join(parent, name) for name in os.listdir(parent) if not name.startswith(".")):
+        if os.path.lexists(os.path.join(path, "type.ninja")):
+            shards.append(path)
+        elif os.path.isdir(path):
+            _is_store(path, None)  # (a store's data without type.ninja: refused, not left out)
     if not shards:
         raise FileNotFoundError(f"{parent} holds no mmap_ninja store subdirectories")
     return shards

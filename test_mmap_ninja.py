@@ -958,7 +958,7 @@ def test_a_directory_without_type_ninja_is_no_store_yet(kind, tmp_path):
     assert "type.ninja.tmp-123-abc" not in os.listdir(d) and (d / "notes.txt").read_text() == "the user's"
     os.remove(d / "type.ninja")  # now it held a sample: damage
     before = snapshot(d)
-    expected = f"type.ninja is missing, but the directory holds 1 samples: the store is damaged; if it is a {'ragged' if kind == 'ragged' else 'string'} store"
+    expected = f"type.ninja is missing, but the directory holds 1 samples: the store is damaged, or not completely copied \\(finish the copy\\); if it is a {'ragged' if kind == 'ragged' else 'string'} store"
     for attempt in (lambda: RaggedMmap(d) if kind == "ragged" else StringsMmap(d),
                     lambda: store.append(np.array([1]) if kind == "ragged" else "x")):
         with pytest.raises(ValueError, match=expected):
@@ -3974,3 +3974,87 @@ def test_readme_quick_start(tmp_path):
     assert result.returncode == 0, result.stderr
     expected = [line.split("# ")[1] for line in code.splitlines() if line.startswith("print(")]
     assert result.stdout.splitlines() == expected
+
+
+@pytest.mark.parametrize("text", ['{"num_shards": 10000000, "length": 6, "kind": "ragged"}',
+                                  '{"num_shards": 0, "length": 6, "kind": "ragged", "bounds": [0, 3, 6]}',
+                                  '{"num_shards": -3, "length": 6, "kind": "ragged", "bounds": [0, 3, 6]}',
+                                  '{"num_shards": 2, "length": 6, "kind": "ragged", "bounds": [0, 4, 3, 6]}',
+                                  '{"num_shards": 2, "length": 6, "kind": "ragged", "bounds": [1, 3, 6]}',
+                                  '{"num_shards": 2, "length": 6, "kind": "pickle", "bounds": [0, 3, 6]}',
+                                  '{"num_shards": 2.0, "length": 6, "kind": "ragged", "bounds": [0, 3, 6]}',
+                                  '{"num_shards": 2, "length": true, "kind": "ragged", "bounds": [0, 3, 6]}',
+                                  '{}', '[1, 2]', 'not json', '{"num_shards": ' + '9' * 5000 + '}', '[' * 30000])
+def test_a_damaged_shard_layout_is_refused_naming_its_file(text, tmp_path):
+    """shards.json is read before anything else: a hostile one (a trillion shards, none, bounds
+    that do not run from 0 to length) must not build names without end, nor read as an empty
+    dataset, nor raise a bare KeyError; a rerun of the conversion refuses it the same way."""
+    items = [np.arange(k + 1) for k in range(6)]
+    out = tmp_path / "out"
+    ShardedMmap.from_indexable(out, items, 2, executor=ThreadPoolExecutor(2))
+    (out / "shards.json").write_text(text)
+    before = snapshot(out)
+    expected = f"{out / 'shards.json'} is damaged: it is not the layout ShardedMmap.from_indexable records"
+    with pytest.raises(ValueError, match=expected):
+        ShardedMmap(out)
+    with pytest.raises(ValueError, match=expected):
+        ShardedMmap.from_indexable(out, items, 2, executor=ThreadPoolExecutor(2))
+    assert snapshot(out) == before
+
+
+def test_a_conversion_never_builds_a_shard_through_a_symlink(tmp_path):
+    """A shard directory that is a link (planted, or left by a copy) would have the shard built
+    at the link's target, outside out_dir, replacing the format files found there."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.ninja").write_text("someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shards.json").write_text(json.dumps({"num_shards": 2, "length": 6, "kind": "ragged", "bounds": [0, 3, 6]}))
+    os.symlink(victim, out / "shard-0-of-2")
+    with pytest.raises(PermissionError, match=f"{out / 'shard-0-of-2'} is a symbolic link: a conversion writes its shards inside {out} only; remove the link"):
+        ShardedMmap.from_indexable(out, [np.arange(k + 1) for k in range(6)], 2, executor=ThreadPoolExecutor(2))
+    assert sorted(os.listdir(victim)) == ["data.ninja"] and (victim / "data.ninja").read_text() == "someone else's file"
+    os.unlink(out / "shard-0-of-2")  # (without the link, the rerun finishes)
+    assert_same_samples(ShardedMmap.from_indexable(out, [np.arange(k + 1) for k in range(6)], 2,
+                                                   executor=ThreadPoolExecutor(2)), [np.arange(k + 1) for k in range(6)])
+
+
+@pytest.mark.parametrize("kind", ["ragged", "strings", "numpy"])
+def test_a_copy_in_progress_is_refused_not_read_empty_nor_cleared(kind, tmp_path):
+    """A store copied file by file, type.ninja not there yet and the sample count still empty,
+    used to read as an empty store, and the next append cleared its data to start afresh."""
+    d = tmp_path / "s"
+    if kind == "ragged":
+        RaggedMmap.from_lists(d, [np.arange(1000) for _ in range(5)])
+    elif kind == "strings":
+        StringsMmap.from_strings(d, ["some text"] * 1000)
+    else:
+        np_ninja.from_ndarray(d, np.arange(5000))
+    cls, sample = (StringsMmap, "new") if kind == "strings" else (RaggedMmap, np.arange(3))
+    opened = cls(d) if kind != "numpy" else None  # (before the copy: its next append re-reads the disk)
+    os.remove(d / "type.ninja")
+    if kind != "numpy":
+        (d / "starts" / "shape.ninja").write_bytes(b"")  # (created, not yet written)
+    before = snapshot(d)
+    size = (d / "data.ninja").stat().st_size
+    expected = (f"{d}: type.ninja is missing, but the directory holds {size} bytes of data in data.ninja: the store "
+                f"is damaged, or not completely copied \\(finish the copy\\)")
+    for attempt in (lambda: cls(d), lambda: (opened or cls(d)).append(sample), lambda: cls(d).extend([sample])):
+        with pytest.raises(ValueError, match=expected):
+            attempt()
+    assert snapshot(d) == before
+
+
+def test_a_sharded_parent_refuses_a_shard_without_type_ninja(tmp_path):
+    """Without a layout, a parent's shards are its store subdirectories: one whose type.ninja
+    is missing (an incomplete copy) used to be left out, so 20 of 30 samples read silently."""
+    for k in range(3):
+        RaggedMmap.from_lists(tmp_path / f"part{k}", [np.arange(4)] * 10)
+    (tmp_path / "logs").mkdir()  # (a directory that is no store at all is not a shard)
+    (tmp_path / "logs" / "run.txt").write_text("x")
+    assert len(ShardedMmap(tmp_path)) == 30
+    os.remove(tmp_path / "part1" / "type.ninja")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'part1'}: type.ninja is missing, but the directory holds 10 samples: .*"
+                                         f"restore {tmp_path / 'part1' / 'type.ninja'} \\(its kind: ragged, string or numpy\\)"):
+        ShardedMmap(tmp_path)
