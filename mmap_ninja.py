@@ -169,12 +169,18 @@ def _open_fd(path, what="file", write=False, root=None):
             raise PermissionError(f"{path} is a symbolic link: mmap_ninja never writes through "
                                   f"links; replace it with the file it points to") from e
         raise OSError(e.errno, f"cannot open {what} {path}: {e.strerror}") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
+        mode = info.st_mode
         kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
         raise ValueError(f"{path} is a {kind}, not a regular file: the store is damaged (mmap_ninja "
                          f"reads and writes only regular files)")
+    if write and info.st_nlink > 1:  # (writes are in place: they would reach the other names too)
+        os.close(fd)
+        raise PermissionError(f"{path} has {info.st_nlink} hard links (a copy made with cp -al or "
+                              f"rsync --link-dest, say): writing to it would change the other copies "
+                              f"too; give the store files of its own (cp -r it) and write to that")
     return fd
 
 
@@ -602,6 +608,9 @@ def _cast(arr, dtype, path):
             if dtype.kind == "f" and source.kind == "c":
                 kept &= arr.imag == 0
             lossless = bool(kept.all())
+        elif source.kind in "iu" and dtype.kind in "iu":  # (a wrap-around, -1 to 255, survives a round trip)
+            info = np.iinfo(dtype)
+            lossless = not arr.size or (info.min <= int(arr.min()) and int(arr.max()) <= info.max)
         else:
             lossless = np.array_equal(out.astype(source), arr, equal_nan=source.kind in "fcmM")
     if not lossless:

@@ -4058,3 +4058,55 @@ def test_a_sharded_parent_refuses_a_shard_without_type_ninja(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path / 'part1'}: type.ninja is missing, but the directory holds 10 samples: .*"
                                          f"restore {tmp_path / 'part1' / 'type.ninja'} \\(its kind: ragged, string or numpy\\)"):
         ShardedMmap(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["ragged", "strings", "numpy"])
+def test_appends_refuse_files_with_other_hard_links(kind, tmp_path):
+    """Appends write in place, so through a hard link they would change another copy (cp -al,
+    rsync --link-dest) or a file outside the store: refused, and nothing changes."""
+    d = tmp_path / "s"
+    if kind == "ragged":
+        store, sample = RaggedMmap.from_lists(d, [np.arange(4, dtype=np.uint8)]), np.arange(3, dtype=np.uint8)
+    elif kind == "strings":
+        store, sample = StringsMmap.from_strings(d, ["abcd"]), "xyz"
+    else:
+        store, sample = np_ninja.from_ndarray(d, np.arange(4, dtype=np.uint8)), None
+    os.link(d / "data.ninja", tmp_path / "backup-of-data.ninja")
+    before = snapshot(tmp_path)
+    with pytest.raises(PermissionError, match=f"{d / 'data.ninja'} has 2 hard links .*: writing to it would change "
+                                              f"the other copies too; give the store files of its own"):
+        if kind == "numpy":
+            np_ninja.extend_dir(d, np.arange(2, dtype=np.uint8))
+        else:
+            store.append(sample)
+    assert snapshot(tmp_path) == before
+    os.unlink(tmp_path / "backup-of-data.ninja")  # (with the store's own files, the append goes through)
+    if kind == "numpy":
+        np_ninja.extend_dir(d, np.arange(2, dtype=np.uint8))
+        assert np_ninja.open_existing(d).tolist() == [0, 1, 2, 3, 0, 1]
+    else:
+        store.append(sample)
+        assert len(open_existing(d)) == 2
+
+
+@pytest.mark.parametrize("dtype,value", [(np.int32, np.array([2**64 - 1], np.uint64)), (np.int32, np.array([2**32 - 1], np.uint32)),
+                                         (np.uint8, np.array([-1], np.int8)), (np.uint32, np.array([-5], np.int32)),
+                                         (np.int64, np.array([2**63], np.uint64)), (np.uint64, np.array([-1], np.int64))])
+def test_integer_casts_that_wrap_around_are_refused(dtype, value, tmp_path):
+    """Casting -1 to uint8 gives 255, and 255 casts back to -1: the round trip alone let these
+    through, stored as other numbers. Values that fit still cast."""
+    expected = f"cannot store a sample of dtype {value.dtype} in a store of dtype {np.dtype(dtype)} without losing values"
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.zeros(1, dtype)])
+    np_ninja.from_ndarray(tmp_path / "n", np.zeros((1, 1), dtype))
+    before = snapshot(tmp_path)
+    with pytest.raises(TypeError, match=expected):
+        store.append(value)
+    with pytest.raises(TypeError, match=expected):
+        np_ninja.extend_dir(tmp_path / "n", value.reshape(1, 1))
+    with pytest.raises(TypeError, match=expected):
+        RaggedMmap.from_lists(tmp_path / "f", [value], dtype=dtype)
+    with pytest.raises(TypeError):
+        store.get_padded([0], pad_value=value[0])
+    assert snapshot(tmp_path) == before and not (tmp_path / "f").exists()
+    store.append(np.array([7], value.dtype))  # (a value that fits)
+    assert store[1].tolist() == [7] and store[1].dtype == dtype
