@@ -360,7 +360,8 @@ def _parse_dtype(text, path="dtype.ninja"):
         spec = ast.literal_eval(text) if text.startswith("[") else text
         dtype = np.dtype(spec)
     except (TypeError, ValueError, SyntaxError, MemoryError, RecursionError) as e:
-        raise ValueError(f"{path}: cannot parse dtype {_short(text)}: {e}") from e
+        why = str(e) if len(str(e)) < 60 else str(e)[:57] + "..."  # (numpy's repeats the text, in full)
+        raise ValueError(f"{path}: cannot parse dtype {_short(text)}: {why}") from e
     if dtype.hasobject:
         raise ValueError(f"{path}: dtype {text!r} holds Python objects; refusing to map it")
     if dtype.itemsize == 0:
@@ -1772,13 +1773,14 @@ def _offsets_problem(starts, ends, lo, hi, size):
     # first time, which a cold read of a 2 KB sample notices: a flat store's page check costs
     # 4.2 us instead of 8.9 with the test below in _page_problem): each sample starts where the
     # previous one ends and none ends before it starts, so all lie between first[0] >= 0 and
-    # last[-1] <= size. (Comparisons only: a difference of damaged offsets can wrap around.)
+    # last[-1] <= size, and the first sample at 0. (Comparisons only: a difference of damaged
+    # offsets can wrap around.)
     if first[1:].tobytes() == last[:-1].tobytes() and (last >= first).all() and first[0] >= 0 \
-            and last[-1] <= size:
+            and last[-1] <= size and (a or first[0] == 0):
         return None
     bad = (last < first) | (last > size)
     bad[1:] |= first[1:] != last[:-1]
-    bad[0] |= first[0] < 0
+    bad[0] |= first[0] < 0 or (a == 0 and first[0] != 0)
     return a + int(bad.argmax()) if bad.any() else None
 
 

@@ -4110,3 +4110,29 @@ def test_integer_casts_that_wrap_around_are_refused(dtype, value, tmp_path):
     assert snapshot(tmp_path) == before and not (tmp_path / "f").exists()
     store.append(np.array([7], value.dtype))  # (a value that fits)
     assert store[1].tolist() == [7] and store[1].dtype == dtype
+
+
+def test_a_string_store_whose_first_string_does_not_start_at_0_is_damage(tmp_path):
+    """Strings have no second record of their length: a first start moved forward read 'ha'
+    for 'alpha', and verify found nothing wrong."""
+    d = tmp_path / "s"
+    StringsMmap.from_strings(d, ["alpha", "beta"])
+    with open(d / "starts" / "data.ninja", "r+b") as f:  # (the first of two int64s: 0 -> 3)
+        f.write(np.int64(3).tobytes())
+    expected = f"{d}: string 0 spans bytes 3 to 5, which do not follow the previous string or fit the data: the store is damaged"
+    with pytest.raises(ValueError, match=expected):
+        StringsMmap(d)[0]
+    with pytest.raises(ValueError, match=expected):
+        list(StringsMmap(d))
+    assert any("string 0" in problem for problem in mmap_ninja._verify(str(d)))
+
+
+def test_a_dtype_error_quotes_the_file_briefly(tmp_path):
+    """numpy's message repeats the text it could not parse, in full: a dtype.ninja linked to
+    a secret (/proc/self/environ) put all of it in the error."""
+    d = tmp_path / "n"
+    np_ninja.from_ndarray(d, np.arange(3))
+    (d / "dtype.ninja").write_text("SECRET=" + "x" * 500 + "-the-end")
+    with pytest.raises(ValueError, match=f"{d / 'dtype.ninja'}: cannot parse dtype 'SECRET=x") as info:
+        np_ninja.open_existing(d)
+    assert "-the-end" not in str(info.value) and len(str(info.value)) < 300
