@@ -2551,7 +2551,7 @@ class RaggedMmap(_Sequence):
 
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
-        i = self._position(int(i))
+        i = self._position(i)
         self._ensure_mapped(i + 1)
         if self._nested:
             return tuple(self._shape_data[self._shape_starts[i]:self._shape_ends[i]])
@@ -2576,6 +2576,9 @@ class RaggedMmap(_Sequence):
         (three varying axes, or large images) are copied one by one. Meant for a DataLoader
         ``collate_fn`` or a batch sampler.
         """
+        if _is_int(indices):
+            raise TypeError(f"{self.out_dir}: get_padded takes a list of indices, got the int {indices}; "
+                            f"ask for get_padded([{indices}])")
         with self._lock():
             return _padded(self, _as_indices(indices, self._n, self.out_dir), pad_value)
 
@@ -3149,9 +3152,9 @@ def _require_zstd(path):
     return module
 
 
-def _utf8(strings, path):
-    """The UTF-8 bytes of each string; non-str items and lone surrogates are refused here,
-    before anything is written."""
+def _utf8(strings, path, first=0):
+    """The UTF-8 bytes of each string (numbered from first); non-str items and lone surrogates
+    are refused here, before anything is written."""
     try:
         return list(map(str.encode, strings))
     except TypeError as e:
@@ -3161,7 +3164,7 @@ def _utf8(strings, path):
     except UnicodeEncodeError as e:
         i, bad = next((i, s) for i, s in enumerate(strings) if not _encodable(s))
         raise UnicodeEncodeError(e.encoding, bad, e.start, e.end, (
-            f"{path}: string {i} holds a lone surrogate, which UTF-8 cannot store; replace it "
+            f"{path}: string {first + i} holds a lone surrogate, which UTF-8 cannot store; replace it "
             f"first, e.g. s.encode('utf-8', 'replace').decode()")) from e
 
 
@@ -3215,6 +3218,8 @@ class StringsMmap(_Sequence):
 
     def __init__(self, out_dir, mode="r+b", starts_key="starts", ends_key="ends", *, durable=False):
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key), "StringsMmap")
+        if mode not in ("r", "rb", "r+", "r+b", "c"):
+            raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c' (or 'rb', 'r+b'), got {mode!r}")
         self.out_dir = _absolute(out_dir)
         self.mode = mode
         self.durable = durable
@@ -3318,12 +3323,10 @@ class StringsMmap(_Sequence):
             self._appended(writer.append(chunks, sizes, None))
 
     def _encode_replacement(self, i, value):
-        if not isinstance(value, str):
-            raise TypeError(f"{self.out_dir}: StringsMmap holds str only, got {type(value).__name__}")
+        raw = _utf8([value], self.out_dir, i)[0]
         if self._zstd is not None:
             raise ValueError(f"{self.out_dir}: strings of a zstd-compressed store cannot be "
                              f"replaced in place")
-        raw = value.encode("utf-8")
         self._ensure_mapped(i + 1)
         start, end = self._starts[i], self._ends[i]
         if len(raw) != end - start:
@@ -3415,8 +3418,8 @@ class ShardedMmap:
     """
 
     def __init__(self, shards, wrapper_fn=None):
-        if isinstance(shards, (str, os.PathLike)):
-            shards = _shard_dirs(os.fspath(shards))
+        if isinstance(shards, (str, bytes, os.PathLike)):
+            shards = _shard_dirs(os.fsdecode(shards))
         self.paths = [os.fspath(p) for p in shards]
         self.wrapper_fn = wrapper_fn
         self.shards = [open_existing(p, wrapper_fn) for p in self.paths]

@@ -4136,3 +4136,22 @@ def test_a_dtype_error_quotes_the_file_briefly(tmp_path):
     with pytest.raises(ValueError, match=f"{d / 'dtype.ninja'}: cannot parse dtype 'SECRET=x") as info:
         np_ninja.open_existing(d)
     assert "-the-end" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_small_misuses_get_errors_that_name_the_store(tmp_path):
+    r = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.arange(2)])
+    s = StringsMmap.from_strings(tmp_path / "s", ["a", "bc"])
+    assert r.shape_of(np.int8(1)) == (2,) and r.shape_of(-1) == (2,)
+    for bad in (2.9, "1", [1]):  # (int() used to take the first two, as sample 2 and sample 1)
+        with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+            r.shape_of(bad)
+    with pytest.raises(TypeError, match=f"{tmp_path / 'r'}: get_padded takes a list of indices, got the int 1; ask for get_padded\\(\\[1\\]\\)"):
+        r.get_padded(1)
+    with pytest.raises(ValueError, match=f"{tmp_path / 's'}: mode must be 'r', 'r\\+' or 'c' \\(or 'rb', 'r\\+b'\\), got 'nonsense'"):
+        StringsMmap(tmp_path / "s", mode="nonsense")
+    with pytest.raises(UnicodeEncodeError, match=f"{tmp_path / 's'}: string 1 holds a lone surrogate"):
+        s[1] = "\ud800x"
+    with pytest.raises(TypeError, match=f"{tmp_path / 's'}: StringsMmap holds str only, got int 5"):
+        s[1] = 5
+    assert list(StringsMmap(tmp_path / "s")) == ["a", "bc"]
+    assert len(ShardedMmap(os.fsencode(tmp_path / "r"))) == 2  # (a bytes path, as os functions take)
