@@ -3085,23 +3085,34 @@ def _zstd_module():
         from compression import zstd
     except ImportError:
         zstd = None
+    # A string is stored as one whole frame: what follows it is damage, which decompress would
+    # otherwise read on into (compression.zstd) or skip (zstandard).
     if zstd is not None:
         def codec(level, dictionary):
             zd = zstd.ZstdDict(dictionary) if dictionary else None
             options = {zstd.CompressionParameter.compression_level: level,
                        zstd.CompressionParameter.checksum_flag: 1}
-            return (lambda data: zstd.compress(data, options=options, zstd_dict=zd),
-                    lambda data: zstd.decompress(data, zstd_dict=zd))
+
+            def decompress(data):
+                if zstd.get_frame_size(data) != len(data):
+                    raise ValueError(f"{len(data) - zstd.get_frame_size(data)} bytes follow the zstd frame")
+                return zstd.decompress(data, zstd_dict=zd)
+            return lambda data: zstd.compress(data, options=options, zstd_dict=zd), decompress
         return codec, lambda samples, size: zstd.train_dict(samples, size).dict_content
     try:
         import zstandard
     except ImportError:
         return None
+    try:  # (zstandard 0.20+ can refuse them; older versions skip them)
+        zstandard.ZstdDecompressor().decompress(zstandard.ZstdCompressor().compress(b""), allow_extra_data=False)
+        whole = {"allow_extra_data": False}
+    except TypeError:  # pragma: no cover - zstandard < 0.20
+        whole = {}
 
     def codec(level, dictionary):
         zd = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
         return (lambda data: zstandard.ZstdCompressor(level=level, dict_data=zd, write_checksum=True).compress(data),
-                lambda data: zstandard.ZstdDecompressor(dict_data=zd).decompress(data))
+                lambda data: zstandard.ZstdDecompressor(dict_data=zd).decompress(data, **whole))
     return codec, lambda samples, size: zstandard.train_dictionary(size, samples).as_bytes()
 
 

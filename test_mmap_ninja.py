@@ -4155,3 +4155,40 @@ def test_small_misuses_get_errors_that_name_the_store(tmp_path):
         s[1] = 5
     assert list(StringsMmap(tmp_path / "s")) == ["a", "bc"]
     assert len(ShardedMmap(os.fsencode(tmp_path / "r"))) == 2  # (a bytes path, as os functions take)
+
+
+@pytest.mark.parametrize("backend", ["zstandard", "compression.zstd"])
+def test_a_compressed_string_is_one_whole_frame(backend, tmp_path, monkeypatch):
+    """Each string is stored as one zstd frame. Bytes after it (a second frame, garbage) were
+    skipped by zstandard ('ab' for 'ab' + 'cd') and would be read on by compression.zstd
+    ('abcd'): damage either way, and verify passed it. compression.zstd is Python 3.14's, or
+    the backports.zstd package (the same module) on older Pythons."""
+    if backend == "zstandard":
+        lib = pytest.importorskip("zstandard")
+        monkeypatch.setitem(sys.modules, "compression", None)  # (the zstandard branch, on 3.14 too)
+        frame = lambda raw: lib.ZstdCompressor(write_checksum=True).compress(raw)
+    else:
+        try:
+            from compression import zstd as lib
+        except ImportError:
+            lib = pytest.importorskip("backports.zstd")
+            package = type(sys)("compression")
+            package.zstd = lib
+            monkeypatch.setitem(sys.modules, "compression", package)
+            monkeypatch.setitem(sys.modules, "compression.zstd", lib)
+        frame = lib.compress
+    d = tmp_path / "z"
+    assert list(StringsMmap.from_strings(d, ["héllo", ""] * 3, zstd_level=3)) == ["héllo", ""] * 3
+    for blob, expected in ((frame(b"ab"), "ab"), (frame(b"ab") + frame(b"cd"), None),
+                           (frame(b"ab") + b"\xff" * 50, None), (frame(b"ab")[:-2], None)):
+        (d / "data.ninja").write_bytes(blob)
+        (d / "starts" / "data.ninja").write_bytes(np.array([0], "<i8").tobytes())
+        (d / "ends" / "data.ninja").write_bytes(np.array([len(blob)], "<i8").tobytes())
+        (d / "starts" / "shape.ninja").write_bytes(np.array([1], "<i8").tobytes())
+        (d / "ends" / "shape.ninja").write_bytes(np.array([1], "<i8").tobytes())
+        if expected is not None:
+            assert StringsMmap(d)[0] == expected and mmap_ninja._verify(str(d)) == []
+            continue
+        with pytest.raises(ValueError, match=f"{d}: cannot decompress a string with the store's zstd settings .*: the store is damaged"):
+            StringsMmap(d)[0]
+        assert [p for p in mmap_ninja._verify(str(d)) if "string 0 cannot be decompressed" in p]
