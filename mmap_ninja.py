@@ -2457,15 +2457,20 @@ class RaggedMmap(_Sequence):
             axes = np.append(np.asarray(self._shape_data[a[0]:b[-1]]), 1)  # (a 1 for trailing 0-d shapes)
             products = np.multiply.reduceat(axes, a - a[0])
             products[ndims == 0] = 1
-            # in floats too: an int64 product that wraps around (2**32 * 2**32 == 0) is damage
-            exact = (np.multiply.reduceat(axes.astype(np.float64), a - a[0]) < 2.0 ** 62) | (ndims == 0)
-            ok = (ndims == np.asarray(self._shape_ndims[lo:hi])) & (products == sizes) & exact & (axes >= 0).all()
+            # in floats too: an int64 product that wraps around (2**32 * 2**32 == 0) is damage, and
+            # so is a shape numpy cannot make: over 64 axes, or nonzero axes of more bytes than
+            # an intp holds (a sample of shape (0, 2**62) is empty, yet numpy refuses it)
+            nonzero = np.maximum(axes, 1).astype(np.float64)
+            exact = (np.multiply.reduceat(nonzero, a - a[0]) < 2.0 ** 62 / self._data.itemsize) | (ndims == 0)
+            ok = (ndims == np.asarray(self._shape_ndims[lo:hi])) & (products == sizes) & exact & (axes >= 0).all() \
+                & (ndims <= 64)
             scalars = ndims == 0
         return (None if ok.all() else lo + int(ok.argmin())), not scalars.any()
 
     def _damaged(self, item):
         i = self._position(int(item))
-        shape = self.shape_of(i)
+        axes = self._shape_ends[i] - self._shape_starts[i] if self._nested else 1
+        shape = self._recorded_shape(i) if 0 <= axes <= 64 else f"of {axes} axes"  # (damaged too)
         return ValueError(f"{self.out_dir}: sample {i} spans elements {self._starts[i]} to "
                           f"{self._ends[i]}, which does not fit its recorded shape {shape}: the "
                           f"store is damaged (python -m mmap_ninja verify {self.out_dir} lists "
@@ -2553,10 +2558,17 @@ class RaggedMmap(_Sequence):
         """The shape of sample i, without touching its data."""
         i = self._position(i)
         self._ensure_mapped(i + 1)
+        if self._checked[i >> 9] is False:  # (offsets a read would refuse give no shape either)
+            with self._lock():
+                self._check_page(i >> 9)
+        return self._recorded_shape(i)
+
+    def _recorded_shape(self, i):
+        """Sample i's shape as its shapes record it (mapped; unchecked: see _damaged)."""
         if self._nested:
             return tuple(self._shape_data[self._shape_starts[i]:self._shape_ends[i]])
-        length = self._ends[i] - self._starts[i]
-        return () if _scalar(length, self._flat_shapes[i]) else (length,)
+        recorded = int(self._flat_shapes[i])
+        return () if _scalar(self._ends[i] - self._starts[i], recorded) else (recorded,)
 
     @property
     def dtype(self):
@@ -2800,7 +2812,8 @@ class _Layout:
             starts, ends = store._gather("_starts", slice(lo, hi)), store._gather("_ends", slice(lo, hi))
             if not (int(starts[0]) == (store._ends[lo - 1] if lo else 0) and (shapes >= 0).all()
                     and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))
-                    and (shapes.astype(np.float64).prod(axis=1) < 2.0 ** 62).all()):  # (no int64 wrap-around)
+                    and ndim <= 64 and (np.maximum(shapes, 1).astype(np.float64).prod(axis=1)
+                                        < 2.0 ** 62 / store._data.itemsize).all()):  # (as _page_problem)
                 self.ndim = -1
                 break
             self.lo, self.hi = _axis_bounds(shapes, None if self.lo is None else (self.lo, self.hi))
@@ -3906,8 +3919,8 @@ def _check_store(path, problems, kind=None):
     n = _count(path)
     starts, ends = _index_column(join(path, "starts"), n), _index_column(join(path, "ends"), n)
     sizes = ends - starts
-    if n and starts[0] < 0:
-        problems.append(f"{path}: sample 0 starts at {starts[0]}, before the data")
+    if n and starts[0] != 0:
+        problems.append(f"{path}: sample 0 starts at {starts[0]}, not at the data's start (0)")
     if (sizes < 0).any():
         problems.append(f"{path}: sample {int(np.argmax(sizes < 0))} ends before it starts")
     if n > 1 and (starts[1:] != ends[:-1]).any():
@@ -3965,6 +3978,10 @@ def _check_store(path, problems, kind=None):
                 if shape.ndim != 1 or (shape < 0).any() or math.prod(shape.tolist()) != flattened[i]:
                     problems.append(f"{path}: sample {i}: shape {shape.tolist()} does not hold "
                                     f"{int(flattened[i])} elements")
+                    return
+                if len(shape) > 64 or math.prod(max(x, 1) for x in shape.tolist()) * dtype.itemsize >= 1 << 62:
+                    problems.append(f"{path}: sample {i}: shape {_short(shape.tolist())} is one numpy "
+                                    f"cannot make (over 64 axes, or over 2**62 bytes)")
                     return
 
 

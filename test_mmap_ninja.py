@@ -4124,7 +4124,7 @@ def test_a_string_store_whose_first_string_does_not_start_at_0_is_damage(tmp_pat
         StringsMmap(d)[0]
     with pytest.raises(ValueError, match=expected):
         list(StringsMmap(d))
-    assert any("string 0" in problem for problem in mmap_ninja._verify(str(d)))
+    assert mmap_ninja._verify(str(d)) == [f"{d}: sample 0 starts at 3, not at the data's start (0)"]
 
 
 def test_a_dtype_error_quotes_the_file_briefly(tmp_path):
@@ -4192,3 +4192,30 @@ def test_a_compressed_string_is_one_whole_frame(backend, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=f"{d}: cannot decompress a string with the store's zstd settings .*: the store is damaged"):
             StringsMmap(d)[0]
         assert [p for p in mmap_ninja._verify(str(d)) if "string 0 cannot be decompressed" in p]
+
+
+def test_shapes_numpy_cannot_make_are_damage_and_shape_of_checks_offsets(tmp_path):
+    """Three leaks past the offset checks: a nested sample recorded as (0, 2**62) (empty, so its
+    element count agreed, yet numpy refuses the shape) or with 65 axes of 1 read with numpy's
+    bare 'array is too big' or dimension error, and verify passed both; and shape_of on a
+    flat sample with a damaged start returned a length computed from the offsets."""
+    for shape, shown in (((0, 2**62), "\\(0, 4611686018427387904\\)"), ((1,) * 65, "of 65 axes")):
+        d = tmp_path / f"nested{len(shape)}"
+        RaggedMmap.from_lists(d, [np.zeros((1, 1) if len(shape) > 2 else (0, 2), np.int32), np.ones((2, 2), np.int32)])
+        rows = [np.array(shape, np.int64), np.array([2, 2], np.int64)]
+        RaggedMmap.from_lists(d / "shapes", rows)  # (sample 0's shape rewritten, element counts kept)
+        expected = f"{d}: sample 0 spans elements 0 to {0 if shape[0] == 0 else 1}, which does not fit its recorded shape {shown}: the store is damaged"
+        for read in (lambda s: s[0], lambda s: s[:], lambda s: list(s), lambda s: s.shape_of(0), lambda s: s[[0, 1]]):
+            with pytest.raises(ValueError, match=expected):
+                read(RaggedMmap(d))
+        assert mmap_ninja._verify(str(d)) == [f"{d}: sample 0: shape {mmap_ninja._short(list(shape))} is one numpy cannot make "
+                                              f"(over 64 axes, or over 2**62 bytes)"]
+    d = tmp_path / "flat"
+    RaggedMmap.from_lists(d, [np.arange(100.0)] * 3)
+    with open(d / "starts" / "data.ninja", "r+b") as f:
+        f.seek(8)
+        f.write(np.int64(2**62).tobytes())
+    for read in (lambda s: s.shape_of(1), lambda s: s[1]):
+        with pytest.raises(ValueError, match=f"{d}: sample 1 spans elements 4611686018427387904 to 200, which does not "
+                                             f"fit its recorded shape \\(100,\\)"):
+            read(RaggedMmap(d))
