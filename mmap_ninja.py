@@ -149,9 +149,10 @@ _PAGE = 512  # offsets are checked a page (4 KB of each index file) at a time: 2
 _DTYPE, _SHAPE, _SIZE, _NBYTES = (operator.attrgetter(name) for name in ("dtype", "shape", "size", "nbytes"))
 
 
-def _open_fd(path, what="file", write=False, root=None):
+def _open_fd(path, what="file", write=False, root=None, linked=False):
     """A descriptor of the regular file at path. Readers follow symlinks to regular files;
-    writers never write through a symlink nor outside `root` (the store's directory)."""
+    writers never write through a symlink nor outside `root` (the store's directory), nor
+    (unless linked: a map that may only be read) to a file with other hard links."""
     if write and root is not None:
         _check_inside(path, root)
     try:
@@ -176,12 +177,17 @@ def _open_fd(path, what="file", write=False, root=None):
         kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
         raise ValueError(f"{path} is a {kind}, not a regular file: the store is damaged (mmap_ninja "
                          f"reads and writes only regular files)")
-    if write and info.st_nlink > 1:  # (writes are in place: they would reach the other names too)
+    if write and not linked and info.st_nlink > 1:
         os.close(fd)
-        raise PermissionError(f"{path} has {info.st_nlink} hard links (a copy made with cp -al or "
-                              f"rsync --link-dest, say): writing to it would change the other copies "
-                              f"too; give the store files of its own (cp -r it) and write to that")
+        raise _hard_linked(path, info.st_nlink)
     return fd
+
+
+def _hard_linked(path, links):
+    """Writes are in place: through a hard link they would reach the file's other names too."""
+    return PermissionError(f"{path} has {links} hard links (a copy made with cp -al or rsync "
+                           f"--link-dest, say): writing to it would change the other copies too; "
+                           f"give the store files of its own (cp -r it) and write to that")
 
 
 def _check_inside(path, root):
@@ -378,6 +384,14 @@ def _read_kind(store_dir):
     return kind
 
 
+def _makeable(shape, itemsize):
+    """Whether numpy can make an array of this shape: at most 64 axes, none negative, and the
+    nonzero ones spanning fewer than 2**63 bytes, even when another axis is 0 (numpy refuses
+    an empty (0, 2**62) array of int32). RaggedMmap's page checks apply the same rule."""
+    return len(shape) <= 64 and min(shape, default=0) >= 0 and \
+        math.prod(max(a, 1) for a in shape) * itemsize < 1 << 63
+
+
 def _read_meta(store_dir):
     """dtype, shape and order of the numpy store (or ragged data) in store_dir."""
     join = os.path.join
@@ -388,9 +402,9 @@ def _read_meta(store_dir):
         raise ValueError(f"{shape_path} is {len(raw)} bytes long, not a multiple of 8: "
                          f"the shape file is damaged")
     shape = struct.unpack(f"<{len(raw) // 8}Q", raw)
-    if math.prod(shape) * dtype.itemsize >= 1 << 63:
-        raise ValueError(f"{shape_path}: shape {shape} of {dtype} would need more bytes than any "
-                         f"file holds: the shape file is damaged")
+    if not _makeable(shape, dtype.itemsize):
+        raise ValueError(f"{shape_path}: shape {_short(shape)} of {dtype} is one numpy cannot make "
+                         f"(its nonzero axes need 2**63 bytes or more): the shape file is damaged")
     order_path = join(store_dir, "order.ninja")
     order = _read_text(order_path, "order", 64) if os.path.lexists(order_path) else "C"
     if order not in ("C", "F"):
@@ -454,7 +468,7 @@ def _read_int64(path, n):
 
 def _map(path, nbytes, access=mmap.ACCESS_READ, what="data", root=None):
     """Map the first nbytes of path (None for 0 bytes, which mmap cannot map); and its stat."""
-    fd = _open_fd(path, what, access == mmap.ACCESS_WRITE, root)
+    fd = _open_fd(path, what, access == mmap.ACCESS_WRITE, root, linked=True)  # (refused at a write)
     try:
         stat = os.fstat(fd)
         if not 0 <= nbytes <= stat.st_size:
@@ -877,12 +891,25 @@ def _is_store(path, kind):
     except (OSError, ValueError):  # (a creation killed while writing it)
         n = 0
     data = os.path.join(path, "data.ninja")
-    size = os.lstat(data).st_size if os.path.lexists(data) else 0
-    if n or size > 1:
-        held = f"{n} samples" if n else f"{size} bytes of data in data.ninja"
+    size = 0  # (-1: a data.ninja that is no regular file, which no creation leaves)
+    if os.path.lexists(data):
+        try:
+            info = os.stat(data)
+            size = info.st_size if stat.S_ISREG(info.st_mode) else -1
+        except OSError:  # (a dangling link, a loop)
+            size = -1
+    if n or size > 1 or size < 0:
+        held = f"{n} samples" if n else f"{size} bytes of data in data.ninja" if size > 0 else \
+            "a data.ninja that is no regular file"
         where = os.path.join(path, "type.ninja")
         restore = f"if it is a {kind} store, restore the file (printf {kind} > {where})" if kind else \
             f"restore {where} (its kind: ragged, string or numpy)"
+        old = sorted(name for name in os.listdir(path) if name.startswith(".ninja-new-"))
+        if old:  # (_swap_in's entry-by-entry swap, killed midway)
+            raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: a "
+                             f"re-creation was killed while it swapped the new store in; the old "
+                             f"store is in {os.path.join(path, old[0])}: move its files back, or "
+                             f"remove the directory to start afresh")
         raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: the "
                          f"store is damaged, or not completely copied (finish the copy); {restore}, "
                          f"or remove the directory to start afresh")
@@ -1327,7 +1354,7 @@ def _map_memmap(out_dir, mode, rows):
         shape = (min(rows, shape[0]),) + shape[1:]
     path = os.path.join(out_dir, "data.ninja")
     nbytes = math.prod(shape) * dtype.itemsize
-    fd = _open_fd(path, "data", mode == "r+", out_dir)  # (regular file, inside the store)
+    fd = _open_fd(path, "data", mode == "r+", out_dir, linked=True)  # (regular file, inside the store)
     try:
         size = os.fstat(fd).st_size
     finally:
@@ -1356,9 +1383,10 @@ def np_empty(out_dir, dtype, shape, order="C", *, durable=False):
     dtype = np.dtype(dtype)
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(a) for a in shape)
     nbytes = math.prod(shape) * dtype.itemsize
-    if min(shape, default=0) < 0 or nbytes >= 1 << 63:
-        raise ValueError(f"{out_dir}: cannot make a store of shape {shape} and dtype {dtype}: axes "
-                         f"must be >= 0 and the data smaller than 2**63 bytes")
+    if not _makeable(shape, dtype.itemsize):
+        raise ValueError(f"{out_dir}: cannot make a store of shape {_short(shape)} and dtype {dtype}: "
+                         f"axes must be >= 0, at most 64 of them, and the nonzero ones must span "
+                         f"fewer than 2**63 bytes (numpy's limits)")
     with _creating(out_dir, durable) as build:
         _write_meta(build, dtype, shape, order, data=b"")
         fd = _open_fd(os.path.join(build, "data.ninja"), "data", True, build)
@@ -1626,6 +1654,7 @@ class _SequenceWriter:
         self.pid = os.getpid()  # a forked child makes its own writer (see _Sequence._writing)
         self.n = None  # the count this writer last saw committed; None: read it again
         self.lock = _Lock(store_dir)
+        self.links = 1  # the links of the count file, as stale() last found them
         self.columns = {}
         self.nested = None
         self.shapes_ino = None
@@ -1635,12 +1664,16 @@ class _SequenceWriter:
         """Whether the store this writer holds was deleted (re-created by from_*) since its
         last append: its directory, or its cached count file, has no name left."""
         starts = self.columns.get("starts")
-        fds = (self.lock.fd, starts.shape_fd if starts is not None else None)
-        return any(fd is not None and os.fstat(fd).st_nlink == 0 for fd in fds)
+        if self.lock.fd is not None and os.fstat(self.lock.fd).st_nlink == 0:
+            return True
+        self.links = os.fstat(starts.shape_fd).st_nlink if starts is not None and starts.shape_fd is not None else 1
+        return self.links == 0
 
     def sync(self, n=None):
         """Make the cached state match the disk; n: the parent's count for a nested store."""
         d = self.store_dir
+        if self.links > 1:  # (linked since its files were opened: cp -al of a store being written)
+            raise _hard_linked(os.path.join(d, "starts", "shape.ninja"), self.links)
         if n is None:
             starts = self.columns.get("starts")
             n = _count(d, starts.open_shape() if starts is not None else None)
@@ -1832,6 +1865,7 @@ class _Sequence:
     path (reopened lazily in the receiving process), close() and ``with``."""
 
     _kind = None
+    _noun, _unit = "sample", "element"  # (for messages)
     # Note for maintainers: no __getattr__ and no self.__dict__ here. Either one stops CPython
     # from specializing attribute access, which costs ~70 ns on every __getitem__.
 
@@ -1972,6 +2006,10 @@ class _Sequence:
         lo = page * _PAGE
         bad, plain = self._page_problem(lo, min(lo + _PAGE, self._mapped))
         if bad is not None:
+            if bad == 0 and self._starts[0] != 0:
+                raise ValueError(f"{self.out_dir}: {self._noun} 0 starts at {self._unit} {self._starts[0]}, "
+                                 f"not at 0: the store is damaged (python -m mmap_ninja verify "
+                                 f"{self.out_dir} lists what is wrong)")
             raise self._damaged(bad)
         self._checked[page] = True if plain else None
         self._unchecked -= 1
@@ -2458,10 +2496,10 @@ class RaggedMmap(_Sequence):
             products = np.multiply.reduceat(axes, a - a[0])
             products[ndims == 0] = 1
             # in floats too: an int64 product that wraps around (2**32 * 2**32 == 0) is damage, and
-            # so is a shape numpy cannot make: over 64 axes, or nonzero axes of more bytes than
-            # an intp holds (a sample of shape (0, 2**62) is empty, yet numpy refuses it)
+            # so is a shape numpy cannot make (_makeable: over 64 axes, or nonzero ones of 2**63
+            # bytes or more, as in an empty (0, 2**62) sample of int32)
             nonzero = np.maximum(axes, 1).astype(np.float64)
-            exact = (np.multiply.reduceat(nonzero, a - a[0]) < 2.0 ** 62 / self._data.itemsize) | (ndims == 0)
+            exact = (np.multiply.reduceat(nonzero, a - a[0]) < 2.0 ** 63 / self._data.itemsize) | (ndims == 0)
             ok = (ndims == np.asarray(self._shape_ndims[lo:hi])) & (products == sizes) & exact & (axes >= 0).all() \
                 & (ndims <= 64)
             scalars = ndims == 0
@@ -2813,7 +2851,7 @@ class _Layout:
             if not (int(starts[0]) == (store._ends[lo - 1] if lo else 0) and (shapes >= 0).all()
                     and np.array_equal(starts[1:], ends[:-1]) and np.array_equal(ends - starts, shapes.prod(axis=1))
                     and ndim <= 64 and (np.maximum(shapes, 1).astype(np.float64).prod(axis=1)
-                                        < 2.0 ** 62 / store._data.itemsize).all()):  # (as _page_problem)
+                                        < 2.0 ** 63 / store._data.itemsize).all()):  # (_makeable)
                 self.ndim = -1
                 break
             self.lo, self.hi = _axis_bounds(shapes, None if self.lo is None else (self.lo, self.hi))
@@ -3239,6 +3277,7 @@ class StringsMmap(_Sequence):
 
     _config_keys = ("out_dir", "mode", "durable")
     _kind = "string"
+    _noun, _unit = "string", "byte"
 
     def __init__(self, out_dir, mode="r+b", starts_key="starts", ends_key="ends", *, durable=False):
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key), "StringsMmap")
@@ -3979,9 +4018,9 @@ def _check_store(path, problems, kind=None):
                     problems.append(f"{path}: sample {i}: shape {shape.tolist()} does not hold "
                                     f"{int(flattened[i])} elements")
                     return
-                if len(shape) > 64 or math.prod(max(x, 1) for x in shape.tolist()) * dtype.itemsize >= 1 << 62:
+                if not _makeable(shape.tolist(), dtype.itemsize):
                     problems.append(f"{path}: sample {i}: shape {_short(shape.tolist())} is one numpy "
-                                    f"cannot make (over 64 axes, or over 2**62 bytes)")
+                                    f"cannot make (over 64 axes, or nonzero ones of 2**63 bytes or more)")
                     return
 
 

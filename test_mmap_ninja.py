@@ -2251,7 +2251,9 @@ def test_a_damaged_offset_is_an_error_never_another_samples_bytes(layout, damage
     store = open_existing(d)
     for read in (lambda: store[index], lambda: store[-599], lambda: store[[index, 5]], lambda: store[np.array([5, index])],
                  lambda: list(store), lambda: store.get_padded([0, index]) if layout != "strings" else store[:3]):
-        with pytest.raises(ValueError, match=f"{d}: (sample|string) [0-9]+ spans .* the store is damaged"):
+        shown = "(sample|string) 0 starts at (element|byte) -4, not at 0:" if damage == "start before 0" else \
+            "(sample|string) [0-9]+ spans .*"
+        with pytest.raises(ValueError, match=f"{d}: {shown} the store is damaged"):
             read()
     assert_same_samples([store[550]], [samples[550]]) if layout != "strings" else store[550] == samples[550]
     assert mmap_ninja._verify(str(d)) != [] and all(str(d) in p for p in mmap_ninja._verify(str(d)))
@@ -4119,7 +4121,7 @@ def test_a_string_store_whose_first_string_does_not_start_at_0_is_damage(tmp_pat
     StringsMmap.from_strings(d, ["alpha", "beta"])
     with open(d / "starts" / "data.ninja", "r+b") as f:  # (the first of two int64s: 0 -> 3)
         f.write(np.int64(3).tobytes())
-    expected = f"{d}: string 0 spans bytes 3 to 5, which do not follow the previous string or fit the data: the store is damaged"
+    expected = f"{d}: string 0 starts at byte 3, not at 0: the store is damaged"
     with pytest.raises(ValueError, match=expected):
         StringsMmap(d)[0]
     with pytest.raises(ValueError, match=expected):
@@ -4209,7 +4211,7 @@ def test_shapes_numpy_cannot_make_are_damage_and_shape_of_checks_offsets(tmp_pat
             with pytest.raises(ValueError, match=expected):
                 read(RaggedMmap(d))
         assert mmap_ninja._verify(str(d)) == [f"{d}: sample 0: shape {mmap_ninja._short(list(shape))} is one numpy cannot make "
-                                              f"(over 64 axes, or over 2**62 bytes)"]
+                                              f"(over 64 axes, or nonzero ones of 2**63 bytes or more)"]
     d = tmp_path / "flat"
     RaggedMmap.from_lists(d, [np.arange(100.0)] * 3)
     with open(d / "starts" / "data.ninja", "r+b") as f:
@@ -4219,3 +4221,89 @@ def test_shapes_numpy_cannot_make_are_damage_and_shape_of_checks_offsets(tmp_pat
         with pytest.raises(ValueError, match=f"{d}: sample 1 spans elements 4611686018427387904 to 200, which does not "
                                              f"fit its recorded shape \\(100,\\)"):
             read(RaggedMmap(d))
+
+
+def test_hard_links_made_while_a_writer_is_open_stop_its_next_append(tmp_path):
+    """A writer keeps its files open between appends, so the check at open missed a copy made
+    meanwhile (rsync --link-dest of a store being written): the next append went into the
+    copy too. Opening in mode r+ only to read a linked copy is fine; a write through it is not."""
+    d, copy = tmp_path / "s", tmp_path / "copy"
+    store = RaggedMmap.from_lists(d, [np.arange(3)])
+    texts = StringsMmap.from_strings(tmp_path / "t", ["ab"])
+    store.append(np.arange(4))
+    texts.append("cd")
+    shutil.copytree(d, copy, copy_function=os.link)
+    shutil.copytree(tmp_path / "t", tmp_path / "t-copy", copy_function=os.link)
+    before = snapshot(tmp_path)
+    with pytest.raises(PermissionError, match=f"{d / 'starts' / 'shape.ninja'} has 2 hard links"):
+        store.append(np.arange(5))
+    with pytest.raises(PermissionError, match="shape.ninja has 2 hard links"):
+        texts.append("ef")
+    readable = RaggedMmap(copy, mode="r+")
+    assert_same_samples(list(readable), [np.arange(3), np.arange(4)])
+    with pytest.raises(PermissionError, match=f"{copy / 'data.ninja'} has 2 hard links"):
+        readable[0] = np.array([7, 8, 9])
+    np_ninja.from_ndarray(tmp_path / "n", np.arange(4))
+    shutil.copytree(tmp_path / "n", tmp_path / "n-copy", copy_function=os.link)
+    assert np_ninja.open_existing(tmp_path / "n-copy", mode="r+").tolist() == [0, 1, 2, 3]
+    after = snapshot(tmp_path)
+    assert all(after[name] == content for name, content in before.items())  # (nothing written)
+
+
+def test_numpy_stores_of_shapes_numpy_cannot_make(tmp_path):
+    """np_empty wrote an (0, 2**62) int32 store and then failed in numpy; opening one gave
+    numpy's bare 'array is too big'. An (0, 2**62) int8 array is one numpy makes: it is kept."""
+    with pytest.raises(ValueError, match=f"{tmp_path / 'e'}: cannot make a store of shape \\(0, 4611686018427387904\\) "
+                                         f"and dtype int32: axes must be >= 0, at most 64 of them"):
+        np_ninja.empty(tmp_path / "e", np.int32, (0, 2**62))
+    with pytest.raises(ValueError, match="cannot make a store of shape"):
+        np_ninja.empty(tmp_path / "e", np.int8, (1,) * 65)
+    assert not (tmp_path / "e").exists()
+    d = tmp_path / "n"
+    np_ninja.empty(d, np.int32, (0, 4))
+    (d / "shape.ninja").write_bytes(np.array([0, 2**62], "<u8").tobytes())
+    for attempt in (lambda: np_ninja.open_existing(d), lambda: open_existing(d)):
+        with pytest.raises(ValueError, match=f"{d / 'shape.ninja'}: shape \\(0, 4611686018427387904\\) of int32 is one "
+                                             f"numpy cannot make"):
+            attempt()
+    assert len(mmap_ninja._verify(str(d))) == 1
+    empty = np.zeros((0, 2**62), np.int8)
+    r = RaggedMmap.from_lists(tmp_path / "r", [empty, np.ones((1, 2), np.int8)])
+    assert RaggedMmap(tmp_path / "r")[0].shape == (0, 2**62) and r.shape_of(0) == (0, 2**62)
+    assert mmap_ninja._verify(str(tmp_path / "r")) == []
+
+
+def test_a_regular_store_of_65_axes_is_damage_on_its_fast_path(tmp_path):
+    """Every sample with the same number of axes takes the regular-layout path, which checks
+    the whole store at once: it must refuse 65 axes as the page checks do."""
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.ones((1, 1), np.uint8), np.ones((1, 1), np.uint8)])
+    RaggedMmap.from_lists(d / "shapes", [np.ones(65, np.int64)] * 2)
+    expected = f"{d}: sample 0 spans elements 0 to 1, which does not fit its recorded shape of 65 axes"
+    for read in (lambda s: s[:], lambda s: s[[0, 1]], lambda s: s.get_padded([0, 1]), lambda s: s[0]):
+        with pytest.raises(ValueError, match=expected):
+            read(RaggedMmap(d))
+
+
+def test_a_directory_without_type_ninja_says_what_left_it(tmp_path):
+    """Without type.ninja, data means damage; the message tells a killed entry-by-entry swap
+    (the old store waits in .ninja-new-*) from a copy in progress, and a data.ninja that is no
+    regular file is refused rather than cleared."""
+    d = tmp_path / "s"
+    RaggedMmap.from_lists(d, [np.arange(5)])
+    old = d / ".ninja-new-123-abc"
+    old.mkdir()
+    for name in ("starts", "ends", "type.ninja"):
+        os.rename(d / name, old / name)
+    with pytest.raises(ValueError, match=f"{d}: type.ninja is missing, but the directory holds 40 bytes of data in "
+                                         f"data.ninja: a re-creation was killed while it swapped the new store in; "
+                                         f"the old store is in {old}: move its files back"):
+        RaggedMmap(d)
+    e = tmp_path / "e"
+    e.mkdir()
+    (e / "data.ninja").mkdir()
+    before = snapshot(e)
+    with pytest.raises(ValueError, match=f"{e}: type.ninja is missing, but the directory holds a data.ninja that is "
+                                         f"no regular file"):
+        RaggedMmap(e).append(np.arange(2))
+    assert snapshot(e) == before and (e / "data.ninja").is_dir()
