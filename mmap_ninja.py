@@ -171,9 +171,9 @@ def _open_fd(path, what="file", write=False, root=None, linked=False):
                                   f"links; replace it with the file it points to") from e
         raise OSError(e.errno, f"cannot open {what} {path}: {e.strerror}") from e
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    mode = info.st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        mode = info.st_mode
         kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
         raise ValueError(f"{path} is a {kind}, not a regular file: the store is damaged (mmap_ninja "
                          f"reads and writes only regular files)")
@@ -1666,7 +1666,8 @@ class _SequenceWriter:
         starts = self.columns.get("starts")
         if self.lock.fd is not None and os.fstat(self.lock.fd).st_nlink == 0:
             return True
-        self.links = os.fstat(starts.shape_fd).st_nlink if starts is not None and starts.shape_fd is not None else 1
+        count_fd = starts.shape_fd if starts is not None else None
+        self.links = os.fstat(count_fd).st_nlink if count_fd is not None else 1
         return self.links == 0
 
     def sync(self, n=None):
