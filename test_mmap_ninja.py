@@ -3993,14 +3993,15 @@ def test_a_damaged_shard_layout_is_refused_naming_its_file(text, tmp_path):
     dataset, nor raise a bare KeyError; a rerun of the conversion refuses it the same way."""
     items = [np.arange(k + 1) for k in range(6)]
     out = tmp_path / "out"
-    ShardedMmap.from_indexable(out, items, 2, executor=ThreadPoolExecutor(2))
-    (out / "shards.json").write_text(text)
-    before = snapshot(out)
-    expected = f"{out / 'shards.json'} is damaged: it is not the layout ShardedMmap.from_indexable records"
-    with pytest.raises(ValueError, match=expected):
-        ShardedMmap(out)
-    with pytest.raises(ValueError, match=expected):
-        ShardedMmap.from_indexable(out, items, 2, executor=ThreadPoolExecutor(2))
+    with ThreadPoolExecutor(2) as pool:
+        ShardedMmap.from_indexable(out, items, 2, executor=pool)
+        (out / "shards.json").write_text(text)
+        before = snapshot(out)
+        expected = f"{out / 'shards.json'} is damaged: it is not the layout ShardedMmap.from_indexable records"
+        with pytest.raises(ValueError, match=expected):
+            ShardedMmap(out)
+        with pytest.raises(ValueError, match=expected):
+            ShardedMmap.from_indexable(out, items, 2, executor=pool)
     assert snapshot(out) == before
 
 
@@ -4014,12 +4015,14 @@ def test_a_conversion_never_builds_a_shard_through_a_symlink(tmp_path):
     out.mkdir()
     (out / "shards.json").write_text(json.dumps({"num_shards": 2, "length": 6, "kind": "ragged", "bounds": [0, 3, 6]}))
     os.symlink(victim, out / "shard-0-of-2")
-    with pytest.raises(PermissionError, match=f"{out / 'shard-0-of-2'} is a symbolic link: a conversion writes its shards inside {out} only; remove the link"):
-        ShardedMmap.from_indexable(out, [np.arange(k + 1) for k in range(6)], 2, executor=ThreadPoolExecutor(2))
-    assert sorted(os.listdir(victim)) == ["data.ninja"] and (victim / "data.ninja").read_text() == "someone else's file"
-    os.unlink(out / "shard-0-of-2")  # (without the link, the rerun finishes)
-    assert_same_samples(ShardedMmap.from_indexable(out, [np.arange(k + 1) for k in range(6)], 2,
-                                                   executor=ThreadPoolExecutor(2)), [np.arange(k + 1) for k in range(6)])
+    items = [np.arange(k + 1) for k in range(6)]
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(PermissionError, match=f"{out / 'shard-0-of-2'} is a symbolic link: a conversion "
+                                                  f"writes its shards inside {out} only; remove the link"):
+            ShardedMmap.from_indexable(out, items, 2, executor=pool)
+        assert sorted(os.listdir(victim)) == ["data.ninja"] and (victim / "data.ninja").read_text() == "someone else's file"
+        os.unlink(out / "shard-0-of-2")  # (without the link, the rerun finishes)
+        assert_same_samples(ShardedMmap.from_indexable(out, items, 2, executor=pool), items)
 
 
 @pytest.mark.parametrize("kind", ["ragged", "strings", "numpy"])
