@@ -746,6 +746,9 @@ def _creating(out_dir, durable=False):
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"{shown} is a file, not a directory: a store is a directory; "
                                  f"choose another path")
+    if os.path.isdir(target) and not os.path.lexists(os.path.join(target, "type.ninja")) and \
+            not any(name.startswith(".ninja-new-") for name in os.listdir(target)):
+        _refuse_stray(target)  # (before the build: what is swapped out is deleted, so only leftovers)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     inside = os.path.isdir(target) and os.stat(target).st_dev != os.stat(parent).st_dev
@@ -898,6 +901,8 @@ def _is_store(path, kind):
             size = info.st_size if stat.S_ISREG(info.st_mode) else -1
         except OSError:  # (a dangling link, a loop)
             size = -1
+    if not (n or size > 1 or size < 0):
+        _refuse_stray(path)
     if n or size > 1 or size < 0:
         held = f"{n} samples" if n else f"{size} bytes of data in data.ninja" if size > 0 else \
             "a data.ninja that is no regular file"
@@ -914,6 +919,27 @@ def _is_store(path, kind):
                          f"store is damaged, or not completely copied (finish the copy); {restore}, "
                          f"or remove the directory to start afresh")
     return False
+
+
+def _refuse_stray(path):
+    """In a directory without type.ninja, refuse format-named entries that a creation killed
+    before its end does not leave (it leaves a store's empty metadata: format names only, each
+    data.ninja at most one byte). They are someone else's: a store made there would replace
+    them, and a writer clearing the leftovers would delete them."""
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
+        if name.split(".tmp-")[0] not in _FORMAT_NAMES:
+            continue  # (not the format's: kept wherever a store is made)
+        top = os.path.join(path, name)
+        tree = os.walk(top) if os.path.isdir(top) and not os.path.islink(top) else [(path, [], [name])]
+        for where, dirs, files in tree:
+            for entry in dirs + files:
+                full = os.path.join(where, entry)
+                if entry.split(".tmp-")[0] not in _FORMAT_NAMES or os.path.islink(full) or (
+                        entry == "data.ninja" and os.lstat(full).st_size > 1):
+                    raise ValueError(f"{path} holds {full}, named like a part of a store, but no "
+                                     f"type.ninja, and it is not what a killed creation leaves: "
+                                     f"mmap_ninja neither reads, replaces nor removes it; move it "
+                                     f"elsewhere, or use another directory")
 
 
 def _clear_unfinished(store_dir):

@@ -4310,3 +4310,32 @@ def test_a_directory_without_type_ninja_says_what_left_it(tmp_path):
                                          f"no regular file"):
         RaggedMmap(e).append(np.arange(2))
     assert snapshot(e) == before and (e / "data.ninja").is_dir()
+
+
+def test_files_named_like_a_stores_parts_are_never_replaced_nor_cleared(tmp_path):
+    """A directory without type.ninja where the user keeps shapes/circle.png or starts/ of
+    their own: creating a store there swapped those entries out and deleted them, and an
+    append cleared them as a killed creation's leftovers. Both are refused now; what a killed
+    creation does leave (format names only, no data) is still cleared (see
+    test_a_directory_without_type_ninja_is_no_store_yet)."""
+    d = tmp_path / "mine"
+    (d / "shapes").mkdir(parents=True)
+    (d / "shapes" / "circle.png").write_bytes(b"PNG")
+    (d / "starts").mkdir()
+    (d / "starts" / "mine.csv").write_text("1,2")
+    (d / "notes.txt").write_text("kept")
+    before = snapshot(d)
+    expected = (f"{d} holds {d / 'shapes' / 'circle.png'}, named like a part of a store, but no type.ninja, and it is "
+                f"not what a killed creation leaves: mmap_ninja neither reads, replaces nor removes it")
+    for attempt in (lambda: StringsMmap.from_strings(d, ["a"]), lambda: RaggedMmap.from_lists(d, [np.arange(2)]),
+                    lambda: np_ninja.from_ndarray(d, np.arange(3)), lambda: RaggedMmap(d).append(np.arange(2)),
+                    lambda: StringsMmap(d)):
+        with pytest.raises(ValueError, match=expected):
+            attempt()
+    (tmp_path / "lines.txt").write_text("x\n")
+    result = cli("from-lines", tmp_path / "lines.txt", d)
+    assert result.returncode == 2 and expected in result.stderr
+    assert snapshot(d) == before and hidden_leftovers(d) == []
+    os.rename(d / "shapes", tmp_path / "moved")  # (the next one it names)
+    with pytest.raises(ValueError, match=f"{d} holds {d / 'starts' / 'mine.csv'}, named like a part of a store"):
+        StringsMmap.from_strings(d, ["a"])
