@@ -1972,9 +1972,9 @@ class _Sequence:
         it (a loader far ahead of the disk drops its oldest); where ``posix_fadvise`` is
         missing (macOS), the call asks itself. Batch reads ask for their own samples while the
         data is cold; see ``cold``."""
-        idx = _as_indices([indices] if _is_int(indices) else indices, self._n, self.out_dir)
         with self._lock():
-            self._map_all()
+            self._map_all()  # (first: a store re-created meanwhile may hold fewer samples)
+            idx = _as_indices([indices] if _is_int(indices) else indices, self._n, self.out_dir)
             if len(idx):
                 size = self._io.itemsize
                 self._io.ask(self._gather("_starts", idx) * size, self._gather("_ends", idx) * size, prefetch=True)
@@ -2005,14 +2005,18 @@ class _Sequence:
         """Sample i (0 <= i < len): maps what this object appended since it last mapped, and
         checks the page of offsets it is in."""
         with self._lock():
-            if i >= self._mapped:
-                self._ensure_mapped(i + 1)
-                if i >= self._mapped:
-                    raise IndexError(f"{self.out_dir}: sample {i} is gone: the store now holds "
-                                     f"{self._mapped} samples (re-created or replaced since this "
-                                     f"object opened it); open it again")
+            self._map_sample(i)
             self._check_page(i >> 9)
             return self[i] if self._checked[i >> 9] else self._sample(i)
+
+    def _map_sample(self, i):
+        """Map sample i (0 <= i < len when this object last looked), or say it is gone."""
+        if i >= self._mapped:
+            self._ensure_mapped(i + 1)
+            if i >= self._mapped:
+                raise IndexError(f"{self.out_dir}: sample {i} is gone: the store now holds "
+                                 f"{self._mapped} samples (re-created or replaced since this "
+                                 f"object opened it); open it again")
 
     def _paged(self, n):
         """Map the page flags of n samples, none checked yet: one flag per page of _PAGE
@@ -2622,10 +2626,9 @@ class RaggedMmap(_Sequence):
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
         i = self._position(i)
-        self._ensure_mapped(i + 1)
-        if self._checked[i >> 9] is False:  # (offsets a read would refuse give no shape either)
-            with self._lock():
-                self._check_page(i >> 9)
+        with self._lock():
+            self._map_sample(i)
+            self._check_page(i >> 9)  # (offsets a read would refuse give no shape either)
         return self._recorded_shape(i)
 
     def _recorded_shape(self, i):
@@ -2657,6 +2660,7 @@ class RaggedMmap(_Sequence):
             raise TypeError(f"{self.out_dir}: get_padded takes a list of indices, got the int {indices}; "
                             f"ask for get_padded([{indices}])")
         with self._lock():
+            self._map_all()  # (first: a store re-created meanwhile may hold fewer samples)
             return _padded(self, _as_indices(indices, self._n, self.out_dir), pad_value)
 
     # ---- writing --------------------------------------------------------------------------
@@ -3888,6 +3892,10 @@ def _block_starts(store, block_bytes):
         parts = [_block_starts(shard, block_bytes)[:-1] + first for shard, first in zip(store.shards, store._bounds)]
         return np.unique(np.concatenate(parts + [np.array([len(store)], np.int64)]))
     data = store.data if isinstance(store, Wrapped) else store
+    if isinstance(data, np.ndarray) and not data.ndim:
+        where = os.path.dirname(getattr(data, "filename", None) or "") or "this array"
+        raise TypeError(f"{where} is a 0-d numpy store: one value, not a sequence of samples, so "
+                        f"QuasiRandomSampler has nothing to order")
     n = len(data)
     if isinstance(data, _Sequence):
         offsets = data.starts * data._io.itemsize
@@ -4084,9 +4092,14 @@ def main(argv=None):
         elif args.command == "from-npy":
             batch = _check_batch_size(args.batch_size)
             try:
-                source = np.load(args.npy_file, mmap_mode="r")  # never loads the whole file
-            except (ValueError, EOFError) as e:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # (numpy's, before the Overflow)
+                    source = np.load(args.npy_file, mmap_mode="r")  # never loads the whole file
+            except (ValueError, EOFError, OverflowError) as e:  # (Overflow: a header's huge shape)
                 raise ValueError(f"{args.npy_file} is not a .npy file numpy can map: {e}") from e
+            if not isinstance(source, np.ndarray):  # (an .npz archive: a mapping of arrays)
+                raise ValueError(f"{args.npy_file} is not a .npy file but an archive of several "
+                                 f"({type(source).__name__}); convert each array on its own")
             if source.ndim == 0:
                 np_from_ndarray(args.out_dir, source)
             else:

@@ -4339,3 +4339,37 @@ def test_files_named_like_a_stores_parts_are_never_replaced_nor_cleared(tmp_path
     os.rename(d / "shapes", tmp_path / "moved")  # (the next one it names)
     with pytest.raises(ValueError, match=f"{d} holds {d / 'starts' / 'mine.csv'}, named like a part of a store"):
         StringsMmap.from_strings(d, ["a"])
+
+
+def test_from_npy_refuses_archives_and_impossible_headers_in_one_line(tmp_path):
+    header = repr({"descr": "<i8", "fortran_order": False, "shape": (2**60,)}).encode()
+    header += b" " * ((-(10 + len(header) + 1)) % 64) + b"\n"
+    (tmp_path / "huge.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 80)
+    np.savez(tmp_path / "pair.npz", a=np.arange(3), b=np.arange(2))
+    for source, expected in (("huge.npy", "is not a .npy file numpy can map"),
+                             ("pair.npz", "is not a .npy file but an archive of several (NpzFile); convert each array on its own")):
+        result = cli("from-npy", tmp_path / source, tmp_path / "out")
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith(f"error: {tmp_path / source} {expected}") and not (tmp_path / "out").exists()
+
+
+def test_reads_of_samples_a_recreation_removed_name_the_store(tmp_path):
+    """prefetch and get_padded checked indices against the count this object last saw, then
+    mapped the smaller store and failed in numpy; shape_of named index 0."""
+    d = tmp_path / "s"
+    out_of_range = f"{d}: index 2000 is out of range for 1000 samples"
+    for read, expected in ((lambda s: s.prefetch([2000]), out_of_range), (lambda s: s.get_padded([2000]), out_of_range),
+                           (lambda s: s[[2000]], out_of_range),
+                           (lambda s: s.shape_of(2000), f"{d}: sample 2000 is gone: the store now holds 1000 samples")):
+        store = RaggedMmap.from_lists(d, [np.arange(2)] * 3000)
+        store.append(np.arange(2))  # (an append drops this object's maps: it maps again next time)
+        RaggedMmap.from_lists(d, [np.arange(2)] * 1000)  # re-created meanwhile, smaller
+        with pytest.raises(IndexError, match=expected):
+            read(store)
+        assert store.shape_of(999) == (2,)
+
+
+def test_the_sampler_refuses_a_0d_numpy_store_naming_it(tmp_path):
+    scalar = np_ninja.from_ndarray(tmp_path / "z", np.array(7.0))
+    with pytest.raises(TypeError, match=f"{tmp_path / 'z'} is a 0-d numpy store: one value, not a sequence of samples"):
+        mmap_ninja.QuasiRandomSampler(scalar, 2)
