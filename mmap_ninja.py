@@ -746,14 +746,18 @@ def _creating(out_dir, durable=False):
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"{shown} is a file, not a directory: a store is a directory; "
                                  f"choose another path")
-    if os.path.isdir(target) and not os.path.lexists(os.path.join(target, "type.ninja")) and \
-            not any(name.startswith(".ninja-new-") for name in os.listdir(target)):
-        _refuse_stray(target)  # (before the build: what is swapped out is deleted, so only leftovers)
+    if os.path.isdir(target) and not os.path.lexists(os.path.join(target, "type.ninja")):
+        # (before the build: what is swapped out is deleted, so only leftovers may be; a swap
+        # killed midway leaves the old store aside, in .ninja-new-*, and new data here)
+        swapped = any(name.startswith(".ninja-new-") for name in os.listdir(target))
+        stray = _stray(target, data_ok=swapped)
+        if stray is not None:
+            raise _stray_error(shown, stray.replace(target, shown, 1))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     inside = os.path.isdir(target) and os.stat(target).st_dev != os.stat(parent).st_dev
     where, prefix = (target, ".ninja-new-") if inside else (parent, f".{os.path.basename(target)}.ninja-new-")
-    _remove_dead_builds(where, prefix)
+    _remove_dead_builds(where, prefix, target)
     build = _unique(os.path.join(where, prefix))
     os.mkdir(build)  # (exclusive; permissions as for any directory the user makes)
     try:
@@ -783,14 +787,24 @@ def _relabel(error, build, shown):
             error.args = tuple(a.replace(build, shown) if isinstance(a, str) else a for a in value)
 
 
-def _remove_dead_builds(where, prefix):
-    """Remove what builds killed before their swap left behind (named with their process id)."""
+def _remove_dead_builds(where, prefix, target):
+    """Remove what builds killed before their swap left behind (named with their process id).
+    Files of target's that the swap had moved into one (not the format's) go back first; a
+    build that still holds one (its name taken in target meanwhile) is kept."""
     with contextlib.suppress(OSError):
         for name in os.listdir(where):
             if name.startswith(prefix) and name[len(prefix):].split("-")[0].isdigit():
                 pid = int(name[len(prefix):].split("-")[0])
                 if not _alive(pid):
-                    shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+                    build, kept = os.path.join(where, name), False
+                    for entry in os.listdir(build):
+                        if entry.split(".tmp-")[0] not in _FORMAT_NAMES:
+                            if os.path.isdir(target) and not os.path.lexists(os.path.join(target, entry)):
+                                os.rename(os.path.join(build, entry), os.path.join(target, entry))
+                            else:
+                                kept = True
+                    if not kept:
+                        shutil.rmtree(build, ignore_errors=True)
 
 
 def _alive(pid):
@@ -820,7 +834,7 @@ def _swap_in(build, target, inside):
             else:  # entry by entry: type.ninja leaves first and comes back last
                 old = _unique(os.path.join(target, ".ninja-new-"))
                 os.mkdir(old)
-                for name in os.listdir(target):
+                for name in sorted(os.listdir(target), key=lambda n: n != "type.ninja"):
                     if name.split(".tmp-")[0] in _FORMAT_NAMES:
                         os.rename(os.path.join(target, name), os.path.join(old, name))
                 for name in sorted(os.listdir(build), key=lambda n: n == "type.ninja"):
@@ -881,8 +895,9 @@ def _fsync_tree(root, recurse=True):
                 os.close(fd)
 
 
-def _is_store(path, kind):
-    """Whether the directory at path holds a store (of a sequence kind, None: any). Without type.ninja
+def _is_store(path, kind, strays=True):
+    """Whether the directory at path holds a store (of a sequence kind, None: any; strays: refuse
+    entries named like a store's that no creation left, see _stray). Without type.ninja
     it holds none yet: a store being created, or the parts a creation killed before its end
     left, which hold no sample (and at most the one byte of an empty store's data.ninja).
     Samples or data without type.ninja are damage or a copy in progress, not an empty store."""
@@ -901,11 +916,10 @@ def _is_store(path, kind):
             size = info.st_size if stat.S_ISREG(info.st_mode) else -1
         except OSError:  # (a dangling link, a loop)
             size = -1
-    if not (n or size > 1 or size < 0):
-        _refuse_stray(path)
-    if n or size > 1 or size < 0:
+    stray = _stray(path) if strays and not (n or size > 1 or size < 0) else None
+    if n or size > 1 or size < 0 or stray:
         held = f"{n} samples" if n else f"{size} bytes of data in data.ninja" if size > 0 else \
-            "a data.ninja that is no regular file"
+            "a data.ninja that is no regular file" if size < 0 else stray
         where = os.path.join(path, "type.ninja")
         restore = f"if it is a {kind} store, restore the file (printf {kind} > {where})" if kind else \
             f"restore {where} (its kind: ragged, string or numpy)"
@@ -915,17 +929,20 @@ def _is_store(path, kind):
                              f"re-creation was killed while it swapped the new store in; the old "
                              f"store is in {os.path.join(path, old[0])}: move its files back, or "
                              f"remove the directory to start afresh")
+        if stray:
+            raise _stray_error(path, stray)
         raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: the "
                          f"store is damaged, or not completely copied (finish the copy); {restore}, "
                          f"or remove the directory to start afresh")
     return False
 
 
-def _refuse_stray(path):
-    """In a directory without type.ninja, refuse format-named entries that a creation killed
+def _stray(path, data_ok=False):
+    """In a directory without type.ninja, the first format-named entry that a creation killed
     before its end does not leave (it leaves a store's empty metadata: format names only, each
-    data.ninja at most one byte). They are someone else's: a store made there would replace
-    them, and a writer clearing the leftovers would delete them."""
+    data.ninja at most one byte; data_ok: any size, as a killed swap leaves), else None. Such
+    an entry is someone else's: a store made there would replace it, and a writer clearing the
+    leftovers would delete it."""
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
         if name.split(".tmp-")[0] not in _FORMAT_NAMES:
             continue  # (not the format's: kept wherever a store is made)
@@ -935,19 +952,23 @@ def _refuse_stray(path):
             for entry in dirs + files:
                 full = os.path.join(where, entry)
                 if entry.split(".tmp-")[0] not in _FORMAT_NAMES or os.path.islink(full) or (
-                        entry == "data.ninja" and os.lstat(full).st_size > 1):
-                    raise ValueError(f"{path} holds {full}, named like a part of a store, but no "
-                                     f"type.ninja, and it is not what a killed creation leaves: "
-                                     f"mmap_ninja neither reads, replaces nor removes it; move it "
-                                     f"elsewhere, or use another directory")
+                        entry == "data.ninja" and not data_ok and os.lstat(full).st_size > 1):
+                    return full
+    return None
+
+
+def _stray_error(path, stray):
+    return ValueError(f"{path} holds {stray}, named like a part of a store, but no type.ninja, and "
+                      f"it is not what a killed creation leaves: mmap_ninja neither reads, replaces "
+                      f"nor removes it; move it elsewhere, or use another directory")
 
 
 def _clear_unfinished(store_dir):
     """A directory without type.ninja holds no store: remove the parts a creation killed
-    before its end left (format names and temporary files only; a writer, under the lock)."""
+    before its end left (format names and their temporary files only; a writer, under the lock)."""
     for name in os.listdir(store_dir):
         path = os.path.join(store_dir, name)
-        if name in _FORMAT_NAMES or ".tmp-" in name:
+        if name.split(".tmp-")[0] in _FORMAT_NAMES:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             else:
@@ -2626,9 +2647,10 @@ class RaggedMmap(_Sequence):
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
         i = self._position(i)
-        with self._lock():
-            self._map_sample(i)
-            self._check_page(i >> 9)  # (offsets a read would refuse give no shape either)
+        if i >= self._mapped or self._checked[i >> 9] is False:
+            with self._lock():
+                self._map_sample(i)
+                self._check_page(i >> 9)  # (offsets a read would refuse give no shape either)
         return self._recorded_shape(i)
 
     def _recorded_shape(self, i):
@@ -3770,7 +3792,7 @@ def _shard_dirs(parent):
         if os.path.lexists(os.path.join(path, "type.ninja")):
             shards.append(path)
         elif os.path.isdir(path):
-            _is_store(path, None)  # (a store's data without type.ninja: refused, not left out)
+            _is_store(path, None, strays=False)  # (a store's data without type.ninja: refused, not left out)
     if not shards:
         raise FileNotFoundError(f"{parent} holds no mmap_ninja store subdirectories")
     return shards
@@ -3893,9 +3915,9 @@ def _block_starts(store, block_bytes):
         return np.unique(np.concatenate(parts + [np.array([len(store)], np.int64)]))
     data = store.data if isinstance(store, Wrapped) else store
     if isinstance(data, np.ndarray) and not data.ndim:
-        where = os.path.dirname(getattr(data, "filename", None) or "") or "this array"
-        raise TypeError(f"{where} is a 0-d numpy store: one value, not a sequence of samples, so "
-                        f"QuasiRandomSampler has nothing to order")
+        where = os.path.dirname(getattr(data, "filename", None) or "")
+        raise TypeError(f"{where + ' is a 0-d numpy store' if where else 'a 0-d array'}: one value, not a "
+                        f"sequence of samples, so QuasiRandomSampler has nothing to order")
     n = len(data)
     if isinstance(data, _Sequence):
         offsets = data.starts * data._io.itemsize
@@ -4098,6 +4120,7 @@ def main(argv=None):
             except (ValueError, EOFError, OverflowError) as e:  # (Overflow: a header's huge shape)
                 raise ValueError(f"{args.npy_file} is not a .npy file numpy can map: {e}") from e
             if not isinstance(source, np.ndarray):  # (an .npz archive: a mapping of arrays)
+                source.close()
                 raise ValueError(f"{args.npy_file} is not a .npy file but an archive of several "
                                  f"({type(source).__name__}); convert each array on its own")
             if source.ndim == 0:

@@ -4373,3 +4373,51 @@ def test_the_sampler_refuses_a_0d_numpy_store_naming_it(tmp_path):
     scalar = np_ninja.from_ndarray(tmp_path / "z", np.array(7.0))
     with pytest.raises(TypeError, match=f"{tmp_path / 'z'} is a 0-d numpy store: one value, not a sequence of samples"):
         mmap_ninja.QuasiRandomSampler(scalar, 2)
+
+
+def test_strays_and_what_killed_swaps_leave(tmp_path, monkeypatch):
+    """Follow-ups to the strays rule: a parent of shards may hold a folder of its own with a
+    shapes/ in it; a dead build in out_dir does not switch the rule off; a user's
+    results.tmp-2024.csv is not a leftover; a swap killed after the user's files moved into
+    the build gives them back on the next run; and the entry-by-entry swap moves type.ninja
+    out first, so that a kill leaves a directory that reads as no store, not a broken one."""
+    parent = tmp_path / "parent"
+    for name in ("a_train", "b_val"):
+        RaggedMmap.from_lists(parent / name, [np.arange(3)] * 3)
+    (parent / "raw" / "shapes").mkdir(parents=True)
+    (parent / "raw" / "shapes" / "circle.png").write_bytes(b"PNG")
+    assert len(ShardedMmap(parent)) == 6
+    d = tmp_path / "byp"
+    (d / "shapes").mkdir(parents=True)
+    (d / "shapes" / "circle.png").write_bytes(b"PNG")
+    (d / ".ninja-new-4000000-abcdef").mkdir()  # (a dead build, or a killed swap's old store)
+    with pytest.raises(ValueError, match=f"{d} holds {d / 'shapes' / 'circle.png'}, named like a part of a store"):
+        RaggedMmap.from_lists(d, [np.arange(2)])
+    assert (d / "shapes" / "circle.png").read_bytes() == b"PNG"
+    e = tmp_path / "e"
+    e.mkdir()
+    (e / "results.tmp-2024.csv").write_text("mine")
+    RaggedMmap(e).append(np.arange(2))
+    assert (e / "results.tmp-2024.csv").read_text() == "mine" and len(RaggedMmap(e)) == 1
+    x = tmp_path / "x"
+    RaggedMmap.from_lists(x, [np.arange(4)] * 5)
+    (x / "notes.txt").write_text("mine")
+    killed = run_python(f"""
+        import os, numpy as np, mmap_ninja
+        mmap_ninja._exchange = lambda a, b: os._exit(9)  # killed after the user's files moved into the build
+        mmap_ninja.RaggedMmap.from_lists({str(x)!r}, [np.arange(2)])
+    """)
+    assert killed.returncode == 9 and not (x / "notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".x.ninja-new-")]
+    RaggedMmap.from_lists(x, [np.arange(2)])
+    assert (x / "notes.txt").read_text() == "mine" and not [p for p in tmp_path.iterdir() if p.name.startswith(".x.ninja-new-")]
+    moved = []
+    rename = os.rename
+    monkeypatch.setattr(mmap_ninja, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(os, "rename", lambda a, b: (moved.append((os.fspath(a), os.fspath(b))), rename(a, b))[1])
+    RaggedMmap.from_lists(x, [np.arange(3)])
+    old_store = os.path.join(str(x), ".ninja-new-")  # (where the old store's entries go, inside x)
+    out_of_target = [os.path.basename(a) for a, b in moved if os.path.dirname(a) == str(x) and b.startswith(old_store)]
+    assert out_of_target[0] == "type.ninja" and len(out_of_target) > 3
+    monkeypatch.undo()
+    assert_same_samples(list(RaggedMmap(x)), [np.arange(3)]) and (x / "notes.txt").read_text() == "mine"
