@@ -916,25 +916,31 @@ def _is_store(path, kind, strays=True):
             size = info.st_size if stat.S_ISREG(info.st_mode) else -1
         except OSError:  # (a dangling link, a loop)
             size = -1
-    stray = _stray(path) if strays and not (n or size > 1 or size < 0) else None
-    if n or size > 1 or size < 0 or stray:
-        held = f"{n} samples" if n else f"{size} bytes of data in data.ninja" if size > 0 else \
-            "a data.ninja that is no regular file" if size < 0 else stray
-        where = os.path.join(path, "type.ninja")
-        restore = f"if it is a {kind} store, restore the file (printf {kind} > {where})" if kind else \
-            f"restore {where} (its kind: ragged, string or numpy)"
-        old = sorted(name for name in os.listdir(path) if name.startswith(".ninja-new-"))
-        if old:  # (_swap_in's entry-by-entry swap, killed midway)
-            raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: a "
-                             f"re-creation was killed while it swapped the new store in; the old "
-                             f"store is in {os.path.join(path, old[0])}: move its files back, or "
-                             f"remove the directory to start afresh")
-        if stray:
-            raise _stray_error(path, stray)
-        raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: the "
-                         f"store is damaged, or not completely copied (finish the copy); {restore}, "
-                         f"or remove the directory to start afresh")
-    return False
+    stray = None
+    if n:
+        held = f"{n} samples"
+    elif size > 1:
+        held = f"{size} bytes of data in data.ninja"
+    elif size < 0:
+        held = "a data.ninja that is no regular file"
+    else:
+        held = stray = _stray(path) if strays else None
+    if held is None:
+        return False
+    old = sorted(name for name in os.listdir(path) if name.startswith(".ninja-new-"))
+    if old:  # (_swap_in's entry-by-entry swap, killed midway)
+        raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: a "
+                         f"re-creation was killed while it swapped the new store in; the old "
+                         f"store is in {os.path.join(path, old[0])}: move its files back, or "
+                         f"remove the directory to start afresh")
+    if stray:
+        raise _stray_error(path, stray)
+    where = os.path.join(path, "type.ninja")
+    restore = f"if it is a {kind} store, restore the file (printf {kind} > {where})" if kind else \
+        f"restore {where} (its kind: ragged, string or numpy)"
+    raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: the "
+                     f"store is damaged, or not completely copied (finish the copy); {restore}, "
+                     f"or remove the directory to start afresh")
 
 
 def _stray(path, data_ok=False):
