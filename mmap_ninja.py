@@ -1500,21 +1500,17 @@ def np_extend(np_mmap, arr, durable=False):
     np_extend_dir(_memmap_dir(np_mmap), arr, durable)
 
 
-def np_append(np_mmap, sample, durable=False):
+def np_append(np_mmap, arr, durable=False):
     """Append one sample (one row) to the store that ``np_mmap`` was opened from."""
     out_dir = _memmap_dir(np_mmap)
-    np_extend_dir(out_dir, np.expand_dims(_as_sample(sample, out_dir), 0), durable)
+    np_extend_dir(out_dir, np.expand_dims(_as_sample(arr, out_dir), 0), durable)
 
 
 def _memmap_dir(np_mmap):
     filename = getattr(np_mmap, "filename", None)
     if not filename:
         raise TypeError(f"expected a np.memmap opened by mmap_ninja, got {type(np_mmap).__name__}")
-    out_dir = os.path.dirname(filename)
-    if getattr(np_mmap, "mode", "r+") == "r":
-        raise ValueError(f"{out_dir} is open read-only (mode='r'): append through a memmap opened "
-                         f"with mode='r+', or with np_extend_dir({out_dir!r}, rows)")
-    return out_dir
+    return os.path.dirname(filename)  # (in any mode, as published: appends write the store, not the map)
 
 
 class _NumpyWriter:
@@ -2214,11 +2210,11 @@ class _Sequence:
                 raise ValueError(f"{self.out_dir}: {len(values)} values for {len(keys)} samples")
         return [self._encode_replacement(i, v) for i, v in zip(keys, values)]
 
-    def set_single(self, item, value):
-        self[int(item)] = value
+    def set_single(self, idx, value):  # (the published names: self[idx] = value)
+        self[int(idx)] = value
 
-    def set_multiple(self, item, values):
-        self[item] = values
+    def set_multiple(self, item, value):
+        self[item] = value
 
     def _lock(self):
         """This object's mutex (see _init_state): held to write, map, and read by anything but
@@ -2693,15 +2689,15 @@ class RaggedMmap(_Sequence):
 
     # ---- writing --------------------------------------------------------------------------
 
-    def append(self, sample):
+    def append(self, array):
         """Append one sample (crash-safe; O(size of the sample), whatever the store's length)."""
-        self.extend([sample])
+        self.extend([array])
 
-    def extend(self, samples):
+    def extend(self, arrays):
         """Append samples. Every sample is checked before anything is written, so refused input
         leaves the store as it was."""
         d = self.out_dir
-        arrays = samples if type(samples) is list else list(samples)
+        arrays = arrays if type(arrays) is list else list(arrays)
         if set(map(type, arrays)) != {np.ndarray}:  # checked per sample only when needed
             arrays = [_as_sample(s, d) for s in arrays]
         if not arrays:
@@ -2721,7 +2717,9 @@ class RaggedMmap(_Sequence):
         """Adapt the store's metadata to arrays and return them cast to its dtype; everything
         is checked before anything is written."""
         d, join = self.out_dir, os.path.join
-        dtype = first_dtype if writer.n == 0 else writer.dtype  # an empty store takes the first's
+        dtype = writer.dtype
+        if writer.n == 0 and _read_text(join(d, "dtype.ninja"), "dtype") == "float64":
+            dtype = first_dtype  # (an empty store made without dtype= says float64: the first samples choose)
         if dtypes != {dtype}:
             arrays = [_as_sample(a, d, dtype) for a in arrays]
         if dtype != writer.dtype:
@@ -2794,8 +2792,10 @@ class RaggedMmap(_Sequence):
         with _creating(out_dir, durable) as build:
             with cls(build, durable=durable) as builder:
                 _write_batches(samples, batch_size, builder.extend)
-            if not os.path.lexists(os.path.join(build, "type.ninja")):
+            if not os.path.lexists(os.path.join(build, "type.ninja")):  # (no samples)
                 _create_sequence(build, np.dtype(dtype or np.float64), nested=False, durable=durable)
+                if dtype == np.float64:  # asked for: spelled apart from the placeholder (_prepare)
+                    _replace_file(os.path.join(build, "dtype.ninja"), b"<f8", durable)
         return cls(out_dir, wrapper_fn=wrapper_fn, mode=mode,
                    copy_before_wrapper_fn=copy_before_wrapper_fn, durable=durable)
 
@@ -3427,6 +3427,12 @@ class StringsMmap(_Sequence):
     def append(self, string):
         """Append one string (crash-safe; O(len(string)))."""
         self.extend([string])
+
+    def set_single(self, idx, new_value):  # (the published names for strings)
+        self[int(idx)] = new_value
+
+    def set_multiple(self, key, value):
+        self[key] = value
 
     def extend(self, list_of_strings, verbose=False):
         """Append strings; a non-str item refuses the whole call before anything is written."""
@@ -4235,11 +4241,27 @@ class ParallelBatchCollector:
 
     def __init__(self, indexable, batch_size, n_jobs=None, verbose=False, **kwargs):
         self.indexable, self.batch_size, self.n_jobs, self.verbose = indexable, batch_size, n_jobs, verbose
+        self._batches, self._ahead = None, None  # (for collect_batch and exhausted)
 
     def batches(self):
         batches = _indexable_batches(self.indexable, _check_batch_size(self.batch_size), self.n_jobs,
                                      "ParallelBatchCollector")
         return _progress(batches, desc="batches", verbose=self.verbose)
+
+    # The published loop, `while not c.exhausted(): batch = c.collect_batch()`, over batches()
+    def exhausted(self, results=()):
+        """Whether every batch has been collected (reads the next batch ahead to tell)."""
+        if self._batches is None:
+            self._batches = self.batches()
+        if self._ahead is None:
+            self._ahead = next(self._batches, False)
+        return self._ahead is False
+
+    def collect_batch(self):
+        """The next batch: a list of indexable[i], [] once exhausted."""
+        batch = [] if self.exhausted() else self._ahead
+        self._ahead = None if batch else False
+        return batch
 
 
 class _IndexableFunction:
@@ -4266,14 +4288,15 @@ def _register_shims():
                  "from_indexable_base": from_indexable_base, "_int_to_bytes": _int_to_bytes,
                  "_bytes_to_int": _bytes_to_int, "_str_to_bytes": _str_to_bytes,
                  "_bytes_to_str": _bytes_to_str, "_shape_to_bytes": _shape_to_bytes,
-                 "_bytes_to_shape": _bytes_to_shape},
+                 "_bytes_to_shape": _bytes_to_shape, "ParallelBatchCollector": ParallelBatchCollector},
         "numpy": {"from_ndarray": np_from_ndarray, "from_generator": np_from_generator,
                   "open_existing": np_open_existing, "extend": np_extend,
                   "extend_dir": np_extend_dir, "append": np_append, "empty": np_empty,
                   "_empty": np_empty},
         "ragged": {"RaggedMmap": RaggedMmap},
         "string": {"StringsMmap": StringsMmap},
-        "generic": {"open_existing": open_existing, "ShardedMmap": ShardedMmap},
+        "generic": {"open_existing": open_existing, "ShardedMmap": ShardedMmap, "RaggedMmap": RaggedMmap,
+                    "StringsMmap": StringsMmap, "Wrapped": Wrapped},
         "parallel": {"ParallelBatchCollector": ParallelBatchCollector,
                      "make_indexable": _IndexableFunction},
     }

@@ -377,11 +377,19 @@ def test_read_only_stores_refuse_writes(tmp_path):
     before = {name: snapshot(tmp_path / name) for name in "rsn"}
     attempts = [lambda: RaggedMmap(tmp_path / "r", mode="r").__setitem__(0, [1, 2, 3]),
                 lambda: StringsMmap(tmp_path / "s", mode="r").__setitem__(0, "xyz"),
-                lambda: np_ninja.append(np_ninja.open_existing(tmp_path / "n"), 5)]
-    for attempt in attempts:
-        with pytest.raises(ValueError, match="open read-only.*mode='r\\+'"):
+                lambda: np_ninja.open_existing(tmp_path / "n").__setitem__(0, 5)]
+    for attempt, error in zip(attempts, ["open read-only.*mode='r\\+'"] * 2 + ["read-only"]):
+        with pytest.raises(ValueError, match=error):
             attempt()
     assert {name: snapshot(tmp_path / name) for name in "rsn"} == before
+    # appends work in any mode, as published: they write the store, not the map
+    snapshot_view = np_ninja.open_existing(tmp_path / "n")
+    np_ninja.append(snapshot_view, 5)
+    np_ninja.extend(snapshot_view, [6, 7])
+    RaggedMmap(tmp_path / "r", mode="r").append(np.arange(2))
+    assert np_ninja.open_existing(tmp_path / "n").tolist() == [0, 1, 2, 5, 6, 7] and snapshot_view.tolist() == [0, 1, 2]
+    assert [s.tolist() for s in RaggedMmap(tmp_path / "r")] == [[0, 1, 2], [0, 1]]
+    RaggedMmap.from_lists(tmp_path / "r", [np.arange(3)])
     private = RaggedMmap(tmp_path / "r", mode="c")  # copy-on-write: this process's map only
     private[0] = [7, 7, 7]
     assert private[0].tolist() == [7, 7, 7] and snapshot(tmp_path / "r") == before["r"]
@@ -2548,6 +2556,17 @@ def test_ragged_empty_store_and_zero_length_samples(tmp_path):
     empty.append(np.array([1, 2], np.uint8))  # the first samples choose an empty store's dtype
     assert RaggedMmap(tmp_path / "g")[0].dtype == np.uint8
     assert os.path.getsize(tmp_path / "g" / "starts" / "data.ninja") == 8
+    # unless dtype= chose it (float64 too: its dtype.ninja says '<f8', the placeholder 'float64')
+    for name, dtype, bad, sample in (("u16", np.uint16, np.array([1.5]), np.array([3])),
+                                     ("f64", np.float64, np.array([2**62 + 1]), np.array([3, 4], np.int8))):
+        chosen = RaggedMmap.from_indexable(tmp_path / name, [], 4, dtype=dtype)
+        before = snapshot(tmp_path / name)
+        with pytest.raises(TypeError, match=f"{tmp_path / name}: cannot store a sample of dtype {bad.dtype} in a "
+                                            f"store of dtype {np.dtype(dtype)} without losing values"):
+            chosen.append(bad)
+        assert snapshot(tmp_path / name) == before
+        chosen.append(sample)
+        assert RaggedMmap(tmp_path / name)[0].dtype == dtype and RaggedMmap(tmp_path / name)[0].tolist() == sample.tolist()
 
 
 def test_ragged_flat_store_takes_nd_samples(tmp_path):
@@ -3700,6 +3719,9 @@ def test_cli_from_lines_ends_lines_at_newlines_only(tmp_path):
     ("from mmap_ninja.base import Wrapped", "Wrapped is mmap_ninja.Wrapped"),
     ("from mmap_ninja.generic import open_existing", "open_existing is mmap_ninja.open_existing"),
     ("import mmap_ninja.parallel", "mmap_ninja.parallel.ParallelBatchCollector is mmap_ninja.ParallelBatchCollector"),
+    ("from mmap_ninja.generic import RaggedMmap, StringsMmap, Wrapped",  # (names the published generic imports)
+     "(RaggedMmap, StringsMmap, Wrapped) == (mmap_ninja.RaggedMmap, mmap_ninja.StringsMmap, mmap_ninja.Wrapped)"),
+    ("from mmap_ninja.base import ParallelBatchCollector", "ParallelBatchCollector is mmap_ninja.ParallelBatchCollector"),
     ("from mmap_ninja.base import from_generator_base, _int_to_bytes", "_int_to_bytes(1) == bytes([1, 0, 0, 0])"),
     ("from mmap_ninja import RaggedMmap, StringsMmap, Wrapped, open_existing",
      "RaggedMmap.__module__ == 'mmap_ninja' and open_existing.__name__ == 'open_existing'"),
@@ -3798,13 +3820,29 @@ def test_get_set_single_and_multiple(tmp_path):
     store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.arange(4).reshape(2, 2), np.arange(2)])
     assert store.get_single(1).tolist() == [[0, 1], [2, 3]]
     assert [s.tolist() for s in store.get_multiple([2, 0])] == [[0, 1], [0, 1, 2]]
-    store.set_single(0, [5, 5, 5])
-    store.set_multiple(slice(1, 3), [np.full((2, 2), 6), [7, 7]])
+    store.set_single(idx=0, value=[5, 5, 5])  # (the published argument names)
+    store.set_multiple(item=slice(1, 3), value=[np.full((2, 2), 6), [7, 7]])
     assert [s.tolist() for s in RaggedMmap(tmp_path / "r")] == [[5, 5, 5], [[6, 6], [6, 6]], [7, 7]]
     strings = StringsMmap.from_strings(tmp_path / "s", ["abc", "de"])
-    strings.set_single(0, "xyz")
-    strings.set_multiple([1], ["fg"])
+    strings.set_single(idx=0, new_value="xyz")
+    strings.set_multiple(key=[1], value=["fg"])
     assert strings.get_multiple(slice(None)) == ["xyz", "fg"] and strings.get_single(-1) == "fg"
+
+
+def test_published_argument_names(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(2)])
+    store.append(array=np.arange(3))
+    store.extend(arrays=[np.arange(4)])
+    assert [len(s) for s in RaggedMmap(tmp_path / "r")] == [2, 3, 4]
+    m = np_ninja.from_ndarray(tmp_path / "n", np.arange(2))
+    np_ninja.append(np_mmap=m, arr=2)
+    np_ninja.extend(np_mmap=m, arr=[3])
+    np_ninja.extend_dir(out_dir=tmp_path / "n", arr=[4])
+    assert np_ninja.open_existing(out_dir=tmp_path / "n", mode="r").tolist() == [0, 1, 2, 3, 4]
+    strings = StringsMmap.from_strings(out_dir=tmp_path / "s", strings=["a"])
+    strings.append(string="b")
+    strings.extend(list_of_strings=["c"])
+    assert list(StringsMmap(out_dir=tmp_path / "s")) == ["a", "b", "c"]
 
 
 def test_key_arguments_in_the_published_positions(tmp_path):
@@ -3831,6 +3869,11 @@ def test_parallel_shim(tmp_path):
     assert batches == [[0, 1], [4, 9], [16]]
     unbounded = make_indexable(lambda i: [10, 20, 30][i])  # no length: read until IndexError
     assert list(ParallelBatchCollector(unbounded, 2).batches()) == [[10, 20], [30]]
+    for source, expected in ((unbounded, [[10, 20], [30]]), (make_indexable(lambda i: i, 4), [[0, 1], [2, 3]])):
+        collector, got = ParallelBatchCollector(source, 2), []  # the published loop
+        while not collector.exhausted():
+            got.append(collector.collect_batch())
+        assert got == expected and collector.collect_batch() == [] and collector.exhausted()
     store = RaggedMmap.from_indexable(tmp_path / "r", make_indexable(lambda i: np.arange(i), 4), 3)
     assert [len(s) for s in store] == [0, 1, 2, 3]
 
