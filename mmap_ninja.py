@@ -220,6 +220,19 @@ def _from_one_directory(path, load, undo):
     come from one directory: a re-creation swapping a new directory in meanwhile would mix two
     stores (one's dtype, the other's data). The directory is held open meanwhile, so its inode
     cannot be freed and reused; if path names another one afterwards, undo() and load again."""
+    try:
+        return _load_from_one_directory(path, load, undo)
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        raise OSError(errno.EMFILE, f"{path}: this process has no file descriptor left to open the "
+                      f"store with ({e.strerror}): an open store holds a few (one per mapped file "
+                      f"before Python 3.13: up to 9), so many shards open at once can use up the "
+                      f"limit; raise it (ulimit -n; resource.setrlimit(resource.RLIMIT_NOFILE, ...)) "
+                      f"or close the stores you are done with") from e
+
+
+def _load_from_one_directory(path, load, undo):
     for _ in range(100):
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
@@ -1238,8 +1251,8 @@ def _willneed(mm, start, stop, chunk=_CHUNK):
     if not _ADVISE or mm is None:
         return
     start -= start % mmap.PAGESIZE
-    stop = min(stop, len(mm))
-    try:
+    try:  # (mm may have been closed meanwhile: by another thread's remap, or close())
+        stop = min(stop, len(mm))
         for offset in range(start, stop, chunk):
             mm.madvise(mmap.MADV_WILLNEED, offset, min(chunk, stop - offset))
     except (OSError, ValueError):  # (advice only: reading works without it)
@@ -2300,6 +2313,10 @@ class _Sequence:
         returns (count, end of the last sample), or None when the directory holds no store."""
         d, join = self.out_dir, os.path.join
         if not _is_store(d, self._kind):  # no store yet (or one being created)
+            if snapshot:  # (a store this object, or the one pickled into it, has read)
+                raise FileNotFoundError(f"{d} holds no store now, where this object saw {snapshot} "
+                                        f"{self._noun}s: it was removed, or is not mounted on this "
+                                        f"machine; open it again once it is there")
             self._n = self._mapped = 0
             return None
         kind = _read_kind(d)
@@ -2502,12 +2519,12 @@ class RaggedMmap(_Sequence):
             if not self._checked[item >> 9]:
                 raise IndexError
             sample = self._source[self._starts[item]:self._ends[item]]  # (the data, or a _ReadAhead while cold)
+            if self._nested:  # (pages holding a scalar sample take the slow path: see _sample)
+                sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
         except IndexError:  # out of range, appended since this object mapped its files, or unchecked
             return self._read_one(self._position(item))
-        except (TypeError, NotImplementedError):  # a slice, a list, a mask, a tuple: not an int
-            return self._read_many(item)
-        if self._nested:  # (pages holding a scalar sample take the slow path: see _sample)
-            sample = sample.reshape(self._shape_data[self._shape_starts[item]:self._shape_ends[item]].tolist())
+        except (TypeError, NotImplementedError):  # a slice, a list, a mask, a tuple: not an int;
+            return self._read_many(item)  # or arrays another thread's remap dropped meanwhile (None)
         if self.wrapper_fn is None:
             return sample
         return self.wrapper_fn(_copy(sample) if self.copy_before_wrapper_fn else sample)
@@ -3360,10 +3377,9 @@ class StringsMmap(_Sequence):
 
     def _load(self, snapshot):
         d, join = self.out_dir, os.path.join
-        self._zstd = None
-        opened = self._map_offsets(snapshot)
-        if opened is None:
-            self._buf = self._source = b""
+        opened = self._map_offsets(snapshot)  # (the codec stays set meanwhile: a read in another
+        if opened is None:                    # thread may be about to decode a string with it)
+            self._buf, self._source, self._zstd = b"", b"", None
             return
         n, end = opened
         access = mmap.ACCESS_COPY if self.mode == "c" else mmap.ACCESS_READ
@@ -3545,12 +3561,12 @@ class ShardedMmap:
     pickles as its paths.
     """
 
-    def __init__(self, shards, wrapper_fn=None):
+    def __init__(self, shards, wrapper_fn=None, _opened=None):
         if isinstance(shards, (str, bytes, os.PathLike)):
             shards = _shard_dirs(os.fsdecode(shards))
         self.paths = [os.fspath(p) for p in shards]
         self.wrapper_fn = wrapper_fn
-        self.shards = [open_existing(p, wrapper_fn) for p in self.paths]
+        self.shards = _opened or [open_existing(p, wrapper_fn) for p in self.paths]
         for path, shard in zip(self.paths, self.shards):
             data = shard.data if isinstance(shard, Wrapped) else shard
             if isinstance(data, np.ndarray) and data.ndim == 0:
@@ -3559,8 +3575,8 @@ class ShardedMmap:
         self._bounds = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
         self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
 
-    def __reduce__(self):
-        return (ShardedMmap, ([_absolute(p) for p in self.paths], self.wrapper_fn))
+    def __reduce__(self):  # (with the shards: each pickles as its path and its length, a snapshot)
+        return (ShardedMmap, ([_absolute(p) for p in self.paths], self.wrapper_fn, self.shards))
 
     @classmethod
     def from_indexable(cls, out_dir, indexable, num_shards, *, executor=None, kind=None, batch_size=4096,

@@ -8,6 +8,7 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -463,6 +464,25 @@ def test_failed_extends_leak_no_descriptors(tmp_path):
 
 
 @linux_only
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_running_out_of_descriptors_names_the_store_and_the_remedy(tmp_path):
+    for k in range(4):
+        RaggedMmap.from_lists(tmp_path / "shards" / f"s{k}", [np.ones((2, 2)), np.ones((3, 2))])
+    result = run_python(f"""
+        import os, resource, mmap_ninja
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 10, hard))
+        try:
+            mmap_ninja.ShardedMmap({str(tmp_path / "shards")!r})
+        except OSError as e:
+            print(e.errno, e)""")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"24 \[Errno 24\] {re.escape(str(tmp_path / 'shards'))}/s\d: this process has no file "
+                        rf"descriptor left to open the store with \((cannot open .*: )?Too many open files\): an "
+                        rf"open store holds a few .* raise it \(ulimit -n; .*\) or close the stores you are "
+                        rf"done with", result.stdout.strip()), result.stdout
+
+
 def test_no_leaked_descriptors(tmp_path):
     RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.ones((2, 2), int)])
     StringsMmap.from_strings(tmp_path / "s", ["a", "b"])
@@ -1088,6 +1108,50 @@ def test_threads_appending_and_reading_through_one_object(kind, tmp_path):
     values = sorted(int(s[0]) for s in open_existing(d)) if kind == "ragged" else sorted(open_existing(d))
     assert values == sorted(tag * 1000 + i for tag in (1, 2) for i in range(300)) if kind == "ragged" \
         else values == sorted(f"{tag}-{i}" for tag in (1, 2) for i in range(300))
+
+
+class _RemappedMidRead:
+    """A store's data source whose slicing lets "another thread" act right after the slice:
+    the races of reads against a remap (after an append) or close(), made deterministic."""
+
+    def __init__(self, source, meanwhile):
+        self.source, self.meanwhile = source, meanwhile
+
+    def __getitem__(self, item):
+        sample = self.source[item]
+        self.meanwhile()
+        return sample
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_read_that_another_thread_remaps_midway_gets_its_sample(cold, tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(6).reshape(2, 3), np.arange(4).reshape(2, 2)])
+    store.cold = cold
+    assert store[1].shape == (2, 2)  # (mapped)
+    store._source = _RemappedMidRead(store._source, lambda: store._release(keep_writer=True))
+    assert store[1].tolist() == [[0, 1], [2, 3]]  # (the nested shape was dropped midway: read again)
+    closed = mmap.mmap(-1, mmap.PAGESIZE)  # a cold read's advice on a map closed meanwhile
+    closed.close()
+    mmap_ninja._willneed(closed, 0, mmap.PAGESIZE)
+    store.close()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'r'}: the store is closed"):
+        store[1]
+
+
+@needs_zstd
+def test_a_zstd_string_read_during_another_threads_remap_decodes(tmp_path):
+    store = StringsMmap.from_strings(tmp_path / "z", ["zstd ü %d" % k for k in range(8)], zstd_level=3)
+    assert store[3] == "zstd ü 3"
+
+    def remap_under_way():  # another thread's remap, caught between its first and last steps
+        def paused(snapshot):
+            raise InterruptedError
+        real, store._map_offsets = store._map_offsets, paused
+        with pytest.raises(InterruptedError):
+            store._load(None)
+        store._map_offsets = real
+    store._source = _RemappedMidRead(store._source, remap_under_way)
+    assert store[5] == "zstd ü 5"
 
 
 @pytest.mark.parametrize("kind", ["ragged", "strings"])
@@ -2322,6 +2386,25 @@ def test_unpickled_store_keeps_the_senders_length(tmp_path):
     RaggedMmap(tmp_path / "r").append(np.arange(3, dtype=np.int16))
     back = pickle.loads(blob)
     assert len(back) == 1 and back.dtype == np.int16 and back[-1].tolist() == [0, 1]
+    # a ShardedMmap too: its global indices must map to the same samples in every process
+    for k in range(2):
+        RaggedMmap.from_lists(tmp_path / "shards" / f"s{k}", [np.array([10 * k + i]) for i in range(2)])
+    sharded = ShardedMmap(tmp_path / "shards")
+    blob = pickle.dumps(sharded)
+    for k in range(2):
+        RaggedMmap(tmp_path / "shards" / f"s{k}").append(np.array([99]))
+    back = pickle.loads(blob)
+    assert len(back) == 4 and [int(s[0]) for s in back] == [0, 1, 10, 11] and back[2].tolist() == [10]
+    assert len(ShardedMmap(tmp_path / "shards")) == 6
+    # a store that is no longer there (removed; not mounted where it is unpickled) is an error, not empty
+    blob = pickle.dumps(StringsMmap.from_strings(tmp_path / "gone", ["a", "b"]))
+    shutil.rmtree(tmp_path / "gone")
+    for read in (list, lambda s: s[1], lambda s: s[:], lambda s: s[[0]]):
+        back = pickle.loads(blob)
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'gone'} holds no store now, where this "
+                                                    f"object saw 2 strings: it was removed, or is not mounted"):
+            read(back)
+        assert len(back) == 2
 
 
 def test_a_pickled_relative_path_works_in_another_directory(tmp_path, monkeypatch):
