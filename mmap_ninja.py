@@ -3558,7 +3558,7 @@ class ShardedMmap:
 
     ``ShardedMmap(["shard-0", "shard-1"])`` or ``ShardedMmap("parent_dir")`` (its store
     subdirectories in sorted order). Supports len, int/slice/list indexing and iteration, and
-    pickles as its paths.
+    pickles as its shards' paths and lengths (a snapshot, as a single store does).
     """
 
     def __init__(self, shards, wrapper_fn=None, _opened=None):
