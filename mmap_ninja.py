@@ -1634,7 +1634,8 @@ class _PartWriter:
         if self.pos == offset:  # we wrote up to here and nobody has since (see _SequenceWriter.sync)
             self.pos = offset + _write_chunks(self.fd, chunks)
         else:  # checks the size and drops a dead writer's torn bytes
-            self.pos = _write_at(self.fd, offset, chunks)
+            end = _write_at(self.fd, offset, chunks)
+            self.pos = end if end > offset else None  # (writing nothing does not move the descriptor)
         if durable:
             os.fsync(self.fd)
         self.new_length = offset_items + total_items

@@ -2652,6 +2652,25 @@ def test_ragged_empty_store_and_zero_length_samples(tmp_path):
         assert RaggedMmap(tmp_path / name)[0].dtype == dtype and RaggedMmap(tmp_path / name)[0].tolist() == sample.tolist()
 
 
+@pytest.mark.parametrize("leftover", [False, True])
+def test_a_scalar_first_append_leaves_the_next_shapes_at_the_end(leftover, tmp_path):
+    # a scalar's shape () writes nothing to the nested shapes/ data file, so a fresh writer's
+    # descriptor there did not move: the next append must still write at the committed end
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.arange(6).reshape(2, 3), np.arange(4)])
+    if leftover:  # what a writer killed mid-append leaves past the end: ignored, overwritten
+        with open(d / "shapes" / "data.ninja", "ab") as f:
+            f.write(np.array([3, 2], "<i8").tobytes())
+    store = RaggedMmap(d)
+    store.append(np.int64(9))
+    store.append(np.arange(6).reshape(3, 2) + 100)
+    store.append(np.arange(5))
+    back = RaggedMmap(d)
+    assert [np.shape(x) for x in back] == [(2, 3), (4,), (), (3, 2), (5,)]
+    assert back[0].tolist() == [[0, 1, 2], [3, 4, 5]] and back[2] == 9 and back[3].tolist() == [[100, 101], [102, 103], [104, 105]]
+    assert mmap_ninja._verify(str(d)) == []
+
+
 def test_ragged_flat_store_takes_nd_samples(tmp_path):
     store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3), np.array(5)])
     store.append(np.arange(4).reshape(2, 2))
