@@ -1627,6 +1627,12 @@ class _PartWriter:
             self.shape_fd = _open_fd(self.shape_path, "shape", True, self.root)
         return self.shape_fd
 
+    def open(self):
+        if self.fd is None:
+            self.fd = _open_fd(self.data_path, "data", True, self.root)
+        if self.shape_path is not None:
+            self.open_shape()
+
     def write(self, offset_items, chunks, total_items, durable):
         offset = offset_items * self.itemsize
         if self.fd is None:
@@ -1765,6 +1771,9 @@ class _SequenceWriter:
                 self.compress = (_zstd_codec(d) or (None,))[0]
             self.end = self._check_committed(n)
             self.n = n
+            for name in ("data", "starts", "ends") + (() if self.raw else ("flattened_shapes",) + (
+                    () if self.nested else ("shapes",))):
+                self._part(name).open()  # every file now: one refused (a link) refuses before any write
         return n
 
     def _check_committed(self, n):
@@ -4080,7 +4089,10 @@ def _check_store(path, problems, kind=None):
     flag = _read_bytes(join(path, "shapes_are_flat.ninja"), "flatness flag", 64)
     if flag != _I32.pack(0 if nested else 1):
         problems.append(f"{path}: shapes_are_flat.ninja says {flag!r} but shapes/ is "
-                        f"{'ragged' if nested else 'flat'}")
+                        f"{'ragged' if nested else 'flat'}"
+                        + (": a writer was killed while converting shapes/ (this module reads the "
+                           "store; the published package reads it by the flag); the next append "
+                           "finishes the conversion" if nested else ""))
     if not nested:
         lengths = _index_column(shapes_dir, n, (1,))
         held = np.where(_scalar(flattened, lengths), 1, lengths)

@@ -4239,6 +4239,39 @@ def test_appends_refuse_files_with_other_hard_links(kind, tmp_path):
         assert len(open_existing(d)) == 2
 
 
+def test_verify_says_how_a_killed_conversion_to_nested_shapes_is_finished(tmp_path):
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.arange(3)]).append(np.ones((2, 2)))  # shapes/ converted to nested
+    (d / "shapes_are_flat.ninja").write_bytes(np.int32(1).tobytes())  # the flag a kill left unset
+    assert [s.shape for s in RaggedMmap(d)] == [(3,), (2, 2)]
+    assert mmap_ninja._verify(str(d)) == [
+        f"{d}: shapes_are_flat.ninja says {np.int32(1).tobytes()!r} but shapes/ is ragged: a writer was "
+        f"killed while converting shapes/ (this module reads the store; the published package reads it "
+        f"by the flag); the next append finishes the conversion"]
+    RaggedMmap(d).append(np.arange(2))
+    assert mmap_ninja._verify(str(d)) == [] and (d / "shapes_are_flat.ninja").read_bytes() == np.int32(0).tobytes()
+
+
+@pytest.mark.parametrize("part", ["shape.ninja", "flattened_shapes/data.ninja", "ends/data.ninja", "ends/shape.ninja",
+                                  "starts/data.ninja", "shapes/starts/shape.ninja", "shapes/ends/data.ninja"])
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_an_append_refused_for_a_linked_part_writes_nothing(part, link, tmp_path):
+    """Every file an append writes is opened (and refused, if linked) before any is written:
+    data is written first, so a link found at a later part left it and a length changed."""
+    d, outside = tmp_path / "s", tmp_path / "outside"
+    RaggedMmap.from_lists(d, [np.arange(3), np.ones((2, 2))])
+    if link == "hard":
+        os.link(d / part, outside)
+    else:
+        shutil.copy(d / part, outside)
+        os.unlink(d / part)
+        os.symlink(outside, d / part)
+    before = snapshot(tmp_path)
+    with pytest.raises(PermissionError, match=re.escape(str(d / part))):
+        RaggedMmap(d).append(np.ones((3, 2)))
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("dtype,value", [(np.int32, np.array([2**64 - 1], np.uint64)), (np.int32, np.array([2**32 - 1], np.uint32)),
                                          (np.uint8, np.array([-1], np.int8)), (np.uint32, np.array([-5], np.int32)),
                                          (np.int64, np.array([2**63], np.uint64)), (np.uint64, np.array([-1], np.int64))])
