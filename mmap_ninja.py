@@ -227,9 +227,10 @@ def _from_one_directory(path, load, undo):
             raise
         raise OSError(errno.EMFILE, f"{path}: this process has no file descriptor left to open the "
                       f"store with ({e.strerror}): an open store holds a few (one per mapped file "
-                      f"before Python 3.13: up to 9), so many shards open at once can use up the "
-                      f"limit; raise it (ulimit -n; resource.setrlimit(resource.RLIMIT_NOFILE, ...)) "
-                      f"or close the stores you are done with") from e
+                      f"before Python 3.13: up to 9; one that has written, up to ~20 more until "
+                      f"close()), so many shards open at once can use up the limit; raise it "
+                      f"(ulimit -n; resource.setrlimit(resource.RLIMIT_NOFILE, ...)) or close the "
+                      f"stores you are done with") from e
 
 
 def _load_from_one_directory(path, load, undo):
@@ -371,6 +372,19 @@ def _dtype_to_text(dtype, path=""):
             pass
     raise TypeError(f"{path}: dtype {dtype!r} cannot be stored exactly (no text form of it "
                     f"round-trips through np.dtype)")
+
+
+def _chosen_dtype_text(dtype):
+    """dtype.ninja's text for an empty store made with dtype=: numpy's type string ('<i2', '|u1').
+    Every other writer spells a plain dtype by its name ('int16'), so an empty store whose text
+    is a name (float64, the placeholder of one made without dtype=; or what a first append that
+    failed left) takes its dtype from its first samples, and one made with dtype= keeps it."""
+    try:
+        if _parse_dtype(dtype.str) == dtype and dtype.str != dtype.name:
+            return dtype.str
+    except ValueError:
+        pass
+    return _dtype_to_text(dtype)  # (structured: its descr, never a name)
 
 
 def _parse_dtype(text, path="dtype.ninja"):
@@ -1771,10 +1785,17 @@ class _SequenceWriter:
                 self.compress = (_zstd_codec(d) or (None,))[0]
             self.end = self._check_committed(n)
             self.n = n
+        return n
+
+    def open_all(self):
+        """Open every file an append writes (once per sync that re-read the store), so that one
+        refused (a link) refuses the append before anything is written."""
+        if self.columns.get("starts") is None or self.columns["starts"].shape_fd is None:
             for name in ("data", "starts", "ends") + (() if self.raw else ("flattened_shapes",) + (
                     () if self.nested else ("shapes",))):
-                self._part(name).open()  # every file now: one refused (a link) refuses before any write
-        return n
+                self._part(name).open()
+            if self.nested is not None:
+                self.nested.open_all()
 
     def _check_committed(self, n):
         """The end of the last of n samples, after checking that every file holds what the
@@ -1818,6 +1839,7 @@ class _SequenceWriter:
         """Append after the cached count (call sync first). payload: byte chunks; sizes: element
         counts (None: from the shapes); shapes: the samples' shape tuples, or an int64 array of
         lengths for 1-D samples (None for a strings store). Returns the new count."""
+        self.open_all()
         n, start = self.n, self.end
         lengths = shapes  # (a strings store has none)
         if self.nested is not None:  # the shapes are the samples of the nested store
@@ -2745,8 +2767,8 @@ class RaggedMmap(_Sequence):
         is checked before anything is written."""
         d, join = self.out_dir, os.path.join
         dtype = writer.dtype
-        if writer.n == 0 and _read_text(join(d, "dtype.ninja"), "dtype") == "float64":
-            dtype = first_dtype  # (an empty store made without dtype= says float64: the first samples choose)
+        if writer.n == 0 and _read_text(join(d, "dtype.ninja"), "dtype") == dtype.name:
+            dtype = first_dtype  # an empty store not made with dtype= (see _chosen_dtype_text): the first samples choose
         if dtypes != {dtype}:
             arrays = [_as_sample(a, d, dtype) for a in arrays]
         if dtype != writer.dtype:
@@ -2821,8 +2843,8 @@ class RaggedMmap(_Sequence):
                 _write_batches(samples, batch_size, builder.extend)
             if not os.path.lexists(os.path.join(build, "type.ninja")):  # (no samples)
                 _create_sequence(build, np.dtype(dtype or np.float64), nested=False, durable=durable)
-                if dtype == np.float64:  # asked for: spelled apart from the placeholder (_prepare)
-                    _replace_file(os.path.join(build, "dtype.ninja"), b"<f8", durable)
+                if dtype is not None:  # asked for: spelled apart from a placeholder (see _prepare)
+                    _replace_file(os.path.join(build, "dtype.ninja"), _chosen_dtype_text(dtype).encode(), durable)
         return cls(out_dir, wrapper_fn=wrapper_fn, mode=mode,
                    copy_before_wrapper_fn=copy_before_wrapper_fn, durable=durable)
 

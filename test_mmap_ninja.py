@@ -2625,7 +2625,7 @@ def test_ragged_modes_and_wrapper(tmp_path):
         RaggedMmap(tmp_path / "r", mode="w")
 
 
-def test_ragged_empty_store_and_zero_length_samples(tmp_path):
+def test_ragged_empty_store_and_zero_length_samples(tmp_path, monkeypatch):
     store = RaggedMmap(tmp_path / "new" / "nested")
     assert len(store) == 0 and list(store) == [] and store[:] == []
     with pytest.raises(IndexError):
@@ -2639,7 +2639,19 @@ def test_ragged_empty_store_and_zero_length_samples(tmp_path):
     empty.append(np.array([1, 2], np.uint8))  # the first samples choose an empty store's dtype
     assert RaggedMmap(tmp_path / "g")[0].dtype == np.uint8
     assert os.path.getsize(tmp_path / "g" / "starts" / "data.ninja") == 8
-    # unless dtype= chose it (float64 too: its dtype.ninja says '<f8', the placeholder 'float64')
+    # a first append that failed (a full disk, a kill) leaves the dtype's name: the next samples still choose
+    failing = RaggedMmap.from_generator(tmp_path / "f", iter([]), 3)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(mmap_ninja, "_write_at", full)
+        with pytest.raises(OSError, match="No space left"):
+            failing.append(np.arange(3, dtype=np.int16))
+    assert len(RaggedMmap(tmp_path / "f")) == 0 and (tmp_path / "f" / "dtype.ninja").read_text() == "int16"
+    RaggedMmap(tmp_path / "f").append(np.array([0.5], np.float32))
+    assert RaggedMmap(tmp_path / "f")[0].dtype == np.float32
+    # unless dtype= chose it: its dtype.ninja says numpy's type string ('<f8', '<u2'), not a name
     for name, dtype, bad, sample in (("u16", np.uint16, np.array([1.5]), np.array([3])),
                                      ("f64", np.float64, np.array([2**62 + 1]), np.array([3, 4], np.int8))):
         chosen = RaggedMmap.from_indexable(tmp_path / name, [], 4, dtype=dtype)
@@ -4270,6 +4282,9 @@ def test_an_append_refused_for_a_linked_part_writes_nothing(part, link, tmp_path
     with pytest.raises(PermissionError, match=re.escape(str(d / part))):
         RaggedMmap(d).append(np.ones((3, 2)))
     assert snapshot(tmp_path) == before
+    store = RaggedMmap(d, mode="r+")  # a replacement writes data.ninja only: another part's link does not stop it
+    store[0] = [7, 8, 9]
+    assert RaggedMmap(d)[0].tolist() == [7, 8, 9]
 
 
 @pytest.mark.parametrize("dtype,value", [(np.int32, np.array([2**64 - 1], np.uint64)), (np.int32, np.array([2**32 - 1], np.uint32)),
