@@ -1790,19 +1790,22 @@ class _SequenceWriter:
     def open_all(self):
         """Open every file an append writes (once per sync that re-read the store), so that one
         refused (a link) refuses the append before anything is written."""
-        if self.columns.get("starts") is None or self.columns["starts"].shape_fd is None:
-            for name in ("data", "starts", "ends") + (() if self.raw else ("flattened_shapes",) + (
-                    () if self.nested else ("shapes",))):
+        starts = self.columns.get("starts")
+        if starts is None or starts.shape_fd is None:
+            for name in ("data",) + self._index_names():
                 self._part(name).open()
             if self.nested is not None:
                 self.nested.open_all()
+
+    def _index_names(self):
+        """The index stores of this store that an append writes (a nested shapes/ has its own writer)."""
+        return ("starts", "ends") + (() if self.raw else ("flattened_shapes",) + (() if self.nested else ("shapes",)))
 
     def _check_committed(self, n):
         """The end of the last of n samples, after checking that every file holds what the
         metadata commits: appending to a store that lost data would make the loss silent."""
         join, d = os.path.join, self.store_dir
-        names = ("starts", "ends") + (() if self.raw else ("flattened_shapes",) + (() if self.nested else ("shapes",)))
-        for name in names:
+        for name in self._index_names():
             _check_index(join(d, name), n, (1,) if name == "shapes" else ())
             _check_size(join(d, name, "data.ninja"), 8 * n, "index")
         if self.root != d and self.dtype != np.dtype("<i8"):  # a nested shapes store holds int64
