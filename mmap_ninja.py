@@ -2771,7 +2771,7 @@ class RaggedMmap(_Sequence):
         d, join = self.out_dir, os.path.join
         dtype = writer.dtype
         if writer.n == 0 and _read_text(join(d, "dtype.ninja"), "dtype") == dtype.name:
-            dtype = first_dtype  # an empty store not made with dtype= (see _chosen_dtype_text): the first samples choose
+            dtype = first_dtype  # (not chosen with dtype=, see _chosen_dtype_text: the first samples choose)
         if dtypes != {dtype}:
             arrays = [_as_sample(a, d, dtype) for a in arrays]
         if dtype != writer.dtype:
