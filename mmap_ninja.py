@@ -1647,10 +1647,8 @@ class _PartWriter:
         if self.shape_path is not None:
             self.open_shape()
 
-    def write(self, offset_items, chunks, total_items, durable):
+    def write(self, offset_items, chunks, total_items, durable):  # (after open: see open_all)
         offset = offset_items * self.itemsize
-        if self.fd is None:
-            self.fd = _open_fd(self.data_path, "data", True, self.root)
         if self.pos == offset:  # we wrote up to here and nobody has since (see _SequenceWriter.sync)
             self.pos = offset + _write_chunks(self.fd, chunks)
         else:  # checks the size and drops a dead writer's torn bytes
