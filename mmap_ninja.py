@@ -1782,6 +1782,8 @@ class _SequenceWriter:
             else:
                 self.compress = (_zstd_codec(d) or (None,))[0]
             self.end = self._check_committed(n)
+            if self.raw and self.compress is None and n and _starts_with_zstd_frame(d):
+                raise _lost_zstd_level(d)  # (plain strings appended to it would be unreadable)
             self.n = n
         return n
 
@@ -3323,6 +3325,26 @@ def _require_zstd(path):
     return module
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes: never UTF-8 ("(" then a continuation byte)
+
+
+def _starts_with_zstd_frame(store_dir):
+    """Whether the first string of a strings store is a zstd frame, which plain UTF-8 never is."""
+    start = _entry(os.path.join(store_dir, "starts"), 0)
+    fd = _open_fd(os.path.join(store_dir, "data.ninja"), "strings data")
+    try:
+        return _pread(fd, 4, start) == _ZSTD_MAGIC and _entry(os.path.join(store_dir, "ends"), 0) - start >= 4
+    finally:
+        os.close(fd)
+
+
+def _lost_zstd_level(store_dir):
+    return ValueError(f"{store_dir}: its strings are zstd-compressed but zstd_level.ninja is missing "
+                      f"(and zstd_dict.ninja too, if it had a dictionary): restore the file from a "
+                      f"copy of the store (it holds the level as text, e.g. 3); until then reads "
+                      f"and appends are refused")
+
+
 def _utf8(strings, path, first=0):
     """The UTF-8 bytes of each string (numbered from first); non-str items and lone surrogates
     are refused here, before anything is written."""
@@ -3439,6 +3461,8 @@ class StringsMmap(_Sequence):
             raise self._undecodable(item, e) from e
 
     def _undecodable(self, item, error):
+        if self._zstd is None and _starts_with_zstd_frame(self.out_dir):
+            return _lost_zstd_level(self.out_dir)
         return ValueError(f"{self.out_dir}: string {item} is not UTF-8 ({error.reason} at byte "
                           f"{error.start}): the store is damaged")
 

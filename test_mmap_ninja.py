@@ -3215,6 +3215,44 @@ def test_strings_zstd_round_trip(tmp_path, dict_size):
         store[0] = texts[0]
 
 
+@needs_zstd
+@pytest.mark.parametrize("lost", [["zstd_level.ninja"], ["zstd_level.ninja", "zstd_dict.ninja"]])
+def test_a_zstd_store_that_lost_its_level_file_refuses_appends_and_says_why(tmp_path, lost):
+    """Without zstd_level.ninja the store looks plain; a plain append would mix raw UTF-8
+    into zstd frames. Its first string is a zstd frame, which UTF-8 never is, so both reads
+    and appends are refused with the remedy, and the refused append changes nothing."""
+    d = tmp_path / "z"
+    texts = ["zstd text %d ü" % k for k in range(40)]
+    StringsMmap.from_strings(d, texts, zstd_level=3, zstd_train_dictionary_size=256 if len(lost) == 2 else None)
+    for name in lost:
+        os.remove(d / name)
+    before = snapshot(d)
+    remedy = rf"{re.escape(str(d))}: its strings are zstd-compressed but zstd_level.ninja is missing.*restore"
+    store = StringsMmap(d)
+    with pytest.raises(ValueError, match=remedy):
+        store.append("plain")
+    with pytest.raises(ValueError, match=remedy):
+        StringsMmap(d).extend(["a", "b"])
+    assert snapshot(d) == before
+    with pytest.raises(ValueError, match=remedy):
+        store[0]
+    assert any("zstd_level.ninja is missing" in p for p in mmap_ninja._verify(d))
+    (d / "zstd_level.ninja").write_text("3")
+    if len(lost) == 2:  # without its dictionary the frames do not decode: still refused, as damaged
+        with pytest.raises(ValueError, match="cannot decompress a string"):
+            StringsMmap(d)[0]
+        return
+    StringsMmap(d).append("plain")
+    assert StringsMmap(d)[:] == texts + ["plain"]
+
+
+def test_a_plain_strings_store_starting_with_a_paren_still_appends(tmp_path):
+    d = tmp_path / "s"
+    StringsMmap.from_strings(d, ["(\u00b5/\u00fd", "(", ""])  # "(" then UTF-8 of "µ": not the zstd magic
+    StringsMmap(d).append("x")
+    assert StringsMmap(d)[:] == ["(\u00b5/\u00fd", "(", "", "x"]
+
+
 def test_missing_zstd_module_gives_clear_error(monkeypatch):
     monkeypatch.setattr(mmap_ninja, "_zstd_module", lambda: None)
     with pytest.raises(ModuleNotFoundError, match=r"strings_zstd is zstd-compressed.*Python 3\.14\+.*zstandard"):
