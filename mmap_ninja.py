@@ -822,8 +822,8 @@ def _remove_dead_builds(where, prefix, target):
         for name in os.listdir(where):
             if name.startswith(prefix) and name[len(prefix):].split("-")[0].isdigit():
                 pid = int(name[len(prefix):].split("-")[0])
-                if not _alive(pid):
-                    build, kept = os.path.join(where, name), False
+                build, kept = os.path.join(where, name), False
+                if not _alive(pid) and stat.S_ISDIR(os.lstat(build).st_mode):  # (never through a link)
                     for entry in os.listdir(build):
                         if entry.split(".tmp-")[0] not in _FORMAT_NAMES:
                             if os.path.isdir(target) and not os.path.lexists(os.path.join(target, entry)):

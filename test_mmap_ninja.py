@@ -1123,6 +1123,21 @@ class _RemappedMidRead:
         return sample
 
 
+def test_a_link_named_like_a_dead_build_is_never_followed(tmp_path):
+    """Re-creating a store clears what dead builds left beside it; an entry named like one
+    that is a symlink (planted, or unpacked from an archive) must not lead that clean-up into
+    the directory it points to, which would move its files into the store."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("precious")
+    RaggedMmap.from_lists(tmp_path / "data" / "images", [np.arange(3)])
+    link = tmp_path / "data" / ".images.ninja-new-999999999-abc"  # (no such process)
+    link.symlink_to(tmp_path / "docs")
+    RaggedMmap.from_lists(tmp_path / "data" / "images", [np.arange(4)])
+    assert os.listdir(tmp_path / "docs") == ["thesis.tex"] and (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
+    assert not (tmp_path / "data" / "images" / "thesis.tex").exists() and link.is_symlink()
+    assert_same_samples(RaggedMmap(tmp_path / "data" / "images"), [np.arange(4)])
+
+
 @pytest.mark.parametrize("cold", [False, True])
 def test_a_read_that_another_thread_remaps_midway_gets_its_sample(cold, tmp_path):
     store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(6).reshape(2, 3), np.arange(4).reshape(2, 2)])
