@@ -363,6 +363,10 @@ def _dtype_to_text(dtype, path=""):
     if dtype.itemsize == 0:
         raise TypeError(f"{path}: dtype {dtype!r} has size 0, so it holds no data; give strings "
                         f"and bytes a length (e.g. 'U8', 'S16') or store them in a StringsMmap")
+    if dtype.shape:  # (numpy turns each element of one into an array: samples would grow axes)
+        raise TypeError(f"{path}: dtype {dtype!r} is a sub-array dtype (each element an array of "
+                        f"shape {dtype.shape}); pass its element dtype, {dtype.base}, and give the "
+                        f"samples that shape as their last axes")
     candidates = [dtype.name, dtype.str] if dtype.names is None else [repr(dtype.descr)]
     for text in candidates:
         try:
@@ -372,6 +376,16 @@ def _dtype_to_text(dtype, path=""):
             pass
     raise TypeError(f"{path}: dtype {dtype!r} cannot be stored exactly (no text form of it "
                     f"round-trips through np.dtype)")
+
+
+def _given_dtype(dtype, path):
+    """The dtype= a user passed (None: the first samples choose), refused before anything is
+    written when no store could hold it."""
+    if dtype is None:
+        return None
+    dtype = np.dtype(dtype)
+    _dtype_to_text(dtype, path)
+    return dtype
 
 
 def _chosen_dtype_text(dtype):
@@ -397,9 +411,10 @@ def _parse_dtype(text, path="dtype.ninja"):
         raise ValueError(f"{path}: cannot parse dtype {_short(text)}: {why}") from e
     if dtype.hasobject:
         raise ValueError(f"{path}: dtype {text!r} holds Python objects; refusing to map it")
-    if dtype.itemsize == 0:
-        raise ValueError(f"{path}: dtype {text!r} has size 0, so no sample could hold data: "
-                         f"the store is damaged")
+    if dtype.itemsize == 0 or dtype.shape:
+        why = "has size 0, so no sample could hold data" if dtype.itemsize == 0 else \
+            f"is a sub-array dtype, which no writer stores (its shape {dtype.shape} would add axes)"
+        raise ValueError(f"{path}: dtype {text!r} {why}: the store is damaged")
     return dtype
 
 
@@ -2804,7 +2819,7 @@ class RaggedMmap(_Sequence):
         chooses the dtype (unless ``dtype`` is given); the others must cast to it exactly."""
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key, shapes_key=shapes_key,
                          flattened_shapes_key=flattened_shapes_key), "RaggedMmap.from_lists")
-        dtype = None if dtype is None else np.dtype(dtype)
+        dtype = _given_dtype(dtype, out_dir)
         arrays = [_as_sample(x, out_dir, dtype) for x in lists]  # (dtype: cast as appends are)
         return cls._from_samples(out_dir, arrays, len(arrays) or 1, dtype, mode, wrapper_fn,
                                  copy_before_wrapper_fn, durable)
@@ -2838,8 +2853,8 @@ class RaggedMmap(_Sequence):
     @classmethod
     def _from_samples(cls, out_dir, samples, batch_size, dtype, mode, wrapper_fn, copy_before_wrapper_fn,
                       durable):
+        dtype = _given_dtype(dtype, out_dir)
         if dtype is not None:
-            dtype = np.dtype(dtype)
             samples = (_as_sample(s, out_dir, dtype) for s in samples)
         with _creating(out_dir, durable) as build:
             with cls(build, durable=durable) as builder:

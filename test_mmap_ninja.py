@@ -1138,6 +1138,29 @@ def test_a_link_named_like_a_dead_build_is_never_followed(tmp_path):
     assert_same_samples(RaggedMmap(tmp_path / "data" / "images"), [np.arange(4)])
 
 
+def test_a_sub_array_dtype_is_refused_before_anything_is_written(tmp_path):
+    """np.dtype('(2,)i2') makes each element an array: a sample cast to it grows axes (3
+    values read back as 12). Given as dtype=, it is refused; found in dtype.ninja, the store
+    is damaged."""
+    x = np.array([1, 2, 3], np.int16)
+    message = r"is a sub-array dtype \(each element an array of shape \(2,\)\); pass its element dtype, int16"
+    for make in (lambda d: RaggedMmap.from_lists(d, [x], dtype="(2,)i2"),
+                 lambda d: RaggedMmap.from_generator(d, iter([x]), 1, dtype="(2,)i2"),
+                 lambda d: RaggedMmap.from_indexable(d, [x], 1, dtype="(2,)i2"),
+                 lambda d: RaggedMmap.from_lists(d, [], dtype="(2,)i2")):
+        with pytest.raises(TypeError, match=f"{re.escape(str(tmp_path / 'r'))}: dtype .*{message}"):
+            make(tmp_path / "r")
+        assert not (tmp_path / "r").exists()
+    for samples in ([np.arange(4, dtype=np.int32).reshape(2, 2)], [np.arange(4, dtype=np.int32)]):
+        d = tmp_path / f"damaged{samples[0].ndim}"
+        RaggedMmap.from_lists(d, samples)
+        (d / "dtype.ninja").write_text("(2,)i2")
+        damaged = f"{re.escape(str(d / 'dtype.ninja'))}: dtype '\\(2,\\)i2' is a sub-array dtype, which no writer stores.*the store is damaged"
+        with pytest.raises(ValueError, match=damaged):
+            RaggedMmap(d)
+        assert any("is a sub-array dtype" in p for p in mmap_ninja._verify(d))
+
+
 @pytest.mark.parametrize("cold", [False, True])
 def test_a_read_that_another_thread_remaps_midway_gets_its_sample(cold, tmp_path):
     store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(6).reshape(2, 3), np.arange(4).reshape(2, 2)])
