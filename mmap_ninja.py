@@ -693,6 +693,10 @@ def _is_int(item):
     return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
 
 
+def _int_0d(item):
+    return type(item) is np.ndarray and item.shape == () and item.dtype.kind in "iu"
+
+
 def _as_indices(item, n, path):
     """A slice, list/array of ints or boolean mask as an int64 array of non-negative indices."""
     if isinstance(item, tuple):
@@ -3633,7 +3637,7 @@ class ShardedMmap:
     pickles as its shards' paths and lengths (a snapshot, as a single store does).
     """
 
-    def __init__(self, shards, wrapper_fn=None, _opened=None):
+    def __init__(self, shards, wrapper_fn=None, _opened=None, _lengths=None):
         if isinstance(shards, (str, bytes, os.PathLike)):
             shards = _shard_dirs(os.fsdecode(shards))
         self.paths = [os.fspath(p) for p in shards]
@@ -3644,11 +3648,24 @@ class ShardedMmap:
             if isinstance(data, np.ndarray) and data.ndim == 0:
                 raise ValueError(f"{path} is a 0-d numpy store: one value, not a sequence of "
                                  f"samples, so it cannot be a shard")
-        self._bounds = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
+        # (_lengths: the sender's, when unpickled: a numpy shard re-created shorter since then
+        # must not move the later shards' samples to other indices)
+        self._bounds = np.cumsum([0] + (_lengths or [len(s) for s in self.shards])).tolist()
         self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
 
     def __reduce__(self):  # (with the shards: each pickles as its path and its length, a snapshot)
-        return (ShardedMmap, ([_absolute(p) for p in self.paths], self.wrapper_fn, self.shards))
+        lengths = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
+        return (ShardedMmap, ([_absolute(p) for p in self.paths], self.wrapper_fn, self.shards, lengths))
+
+    def _shorter(self, k, local):
+        """The IndexError for local row(s) that shard k no longer holds (re-created shorter
+        since this object was pickled), else None."""
+        have = len(self.shards[k])
+        if np.max(local) >= have:
+            return IndexError(f"{self.paths[k]} holds {have} samples now, where this ShardedMmap saw "
+                              f"{self._bounds[k + 1] - self._bounds[k]} (re-created since it was "
+                              f"pickled): its sample {int(np.max(local))} is gone; open the shards again")
+        return None
 
     @classmethod
     def from_indexable(cls, out_dir, indexable, num_shards, *, executor=None, kind=None, batch_size=4096,
@@ -3725,7 +3742,7 @@ class ShardedMmap:
         return self._bounds[-1]
 
     def __getitem__(self, item):
-        if _is_int(item):
+        if _is_int(item) or type(item) is bool or _int_0d(item):  # (as a single store takes them)
             i = int(item)
             n = self._bounds[-1]
             if not -n <= i < n:
@@ -3733,7 +3750,10 @@ class ShardedMmap:
             if i < 0:
                 i += n
             k = bisect.bisect_right(self._bounds, i) - 1
-            return self.shards[k][i - self._bounds[k]]
+            try:
+                return self.shards[k][i - self._bounds[k]]
+            except IndexError as e:
+                raise self._shorter(k, i - self._bounds[k]) or e
         idx = _as_indices(item, len(self), "ShardedMmap")
         if not len(idx):
             return []
@@ -3746,6 +3766,8 @@ class ShardedMmap:
             if count:
                 mine = np.flatnonzero(shard_of == k) if count < len(idx) else None
                 local, shard = (idx if mine is None else idx[mine]) - self._bounds[k], self.shards[k]
+                if not isinstance(shard, _Sequence) and self._shorter(k, local) is not None:
+                    raise self._shorter(k, local)  # (a sequence keeps its own snapshot length)
                 got += shard[local] if isinstance(shard, _Sequence) else [shard[i] for i in local.tolist()]
                 where.append(mine)
         if len(where) == 1:

@@ -2445,6 +2445,24 @@ def test_unpickled_store_keeps_the_senders_length(tmp_path):
         assert len(back) == 2
 
 
+def test_an_unpickled_sharded_mmap_of_numpy_shards_keeps_each_sample_at_its_index(tmp_path):
+    """A numpy shard re-created shorter after pickling must not move the later shards' samples
+    to other global indices (a spawned worker would read other samples than its parent)."""
+    for name, first in (("a", 0), ("b", 100)):
+        np_ninja.from_ndarray(tmp_path / "s" / name, np.arange(first, first + 10))
+    blob = pickle.dumps(ShardedMmap(tmp_path / "s"))
+    np_ninja.from_ndarray(tmp_path / "s" / "a", np.arange(5))
+    back = pickle.loads(blob)
+    assert len(back) == 20 and back[12] == 102 and back[4] == 4
+    assert [int(x) for x in back[[12, 19, 3]]] == [102, 109, 3] and [int(x) for x in back[10:]] == list(range(100, 110))
+    gone = f"{tmp_path / 's' / 'a'} holds 5 samples now, where this ShardedMmap saw 10 .*sample 7 is gone; open the shards again"
+    with pytest.raises(IndexError, match=gone):
+        back[7]
+    with pytest.raises(IndexError, match=gone.replace("sample 7", "sample 9")):
+        back[[7, 9] * 16 + [12]]
+    assert len(ShardedMmap(tmp_path / "s")) == 15
+
+
 def test_a_pickled_relative_path_works_in_another_directory(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -4642,6 +4660,13 @@ def test_the_sampler_refuses_a_0d_numpy_store_naming_it(tmp_path):
     scalar = np_ninja.from_ndarray(tmp_path / "z", np.array(7.0))
     with pytest.raises(TypeError, match=f"{tmp_path / 'z'} is a 0-d numpy store: one value, not a sequence of samples"):
         mmap_ninja.QuasiRandomSampler(scalar, 2)
+
+
+def test_a_sharded_mmap_takes_the_single_indices_a_store_takes(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "a", [np.arange(k + 1) for k in range(4)])
+    sharded = ShardedMmap([tmp_path / "a"])
+    for item in (np.array(3), np.array(3, np.uint8), True, False, np.int16(-1)):
+        assert sharded[item].tolist() == store[item].tolist() == list(range(int(item) % 4 + 1))
 
 
 def test_strays_and_what_killed_swaps_leave(tmp_path, monkeypatch):
