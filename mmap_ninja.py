@@ -713,11 +713,16 @@ def _as_indices(item, n, path):
         return np.flatnonzero(idx)
     if idx.size == 0:
         return np.zeros(0, np.int64)
-    if idx.dtype.kind == "O" and idx.ndim == 1 and all(map(_is_int, idx.tolist())):  # (ints past int64)
-        big = [v for v in idx.tolist() if not -(1 << 63) <= v < 1 << 63]
-        if big:
-            raise IndexError(f"{path}: index {big[0]} is out of range for {n} samples")
-        idx = idx.astype(np.int64)
+    # Ints numpy gives no int dtype: past int64 (object), or a list mixing int64 and uint64
+    # (float64, so the values come from the list itself)
+    if idx.ndim == 1 and (idx.dtype.kind == "O" or idx.dtype.kind == "f" and not isinstance(item, np.ndarray)):
+        values = idx.tolist() if idx.dtype.kind == "O" else list(item)
+        if all(map(_is_int, values)):
+            values = list(map(operator.index, values))
+            big = [v for v in values if not -(1 << 63) <= v < 1 << 63]
+            if big:
+                raise IndexError(f"{path}: index {big[0]} is out of range for {n} samples")
+            idx = np.array(values, np.int64)
     if idx.dtype.kind not in "iu" or idx.ndim != 1:
         raise TypeError(f"{path}: index must be an int, a slice, a 1-D list/array of ints or a "
                         f"boolean mask, got {_short(item)}")
@@ -2088,6 +2093,7 @@ class _Sequence:
         """Before reading samples idx (checked): their pages, while the data is cold (and
         reach elements from each start, for reads that run past a sample's end)."""
         if self._io.due():
+            idx = np.asarray(idx, np.int64) if type(idx) is list else idx  # (numpy makes floats of [-1, np.uint64(2)])
             starts = self._gather("_starts", idx)
             self._io.batch(starts, np.maximum(self._gather("_ends", idx), starts + reach))
 

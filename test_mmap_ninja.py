@@ -4662,6 +4662,29 @@ def test_the_sampler_refuses_a_0d_numpy_store_naming_it(tmp_path):
         mmap_ninja.QuasiRandomSampler(scalar, 2)
 
 
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_list_mixing_signed_and_unsigned_ints_indexes_like_any_list(cold, tmp_path):
+    """numpy makes float64 of [-1, np.uint64(2)]: the indices come from the list itself, the
+    same for every store kind, hot or cold."""
+    flat = RaggedMmap.from_lists(tmp_path / "f", [np.arange(k + 1) for k in range(5)])
+    nested = RaggedMmap.from_lists(tmp_path / "n", [np.full((1, k + 1), k) for k in range(5)])
+    strings = StringsMmap.from_strings(tmp_path / "s", ["a", "b", "c", "d", "e"])
+    sharded = ShardedMmap([tmp_path / "f", tmp_path / "n"])
+    idx = [-1, np.uint64(2), np.int8(0)]
+    for store in (flat, nested, strings):
+        store.cold = cold
+    assert [x.tolist() for x in flat[idx]] == [[0, 1, 2, 3, 4], [0, 1, 2], [0]]
+    assert [x.tolist() for x in nested[idx]] == [[[4] * 5], [[2] * 3], [[0]]]
+    assert strings[idx] == ["e", "c", "a"]
+    assert [x.tolist() for x in sharded[idx]] == [[[4] * 5], [0, 1, 2], [0]]
+    assert flat.get_padded(idx)[0].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 0], [0, 0, 0, 0, 0]]
+    flat.prefetch(idx), sharded.prefetch(idx)
+    with pytest.raises(IndexError, match=f"{re.escape(str(tmp_path / 'f'))}: index 18446744073709551615 is out of range"):
+        flat[[-1, np.uint64(2**64 - 1)]]
+    with pytest.raises(TypeError, match="index must be an int, a slice, a 1-D list/array of ints"):
+        flat[[-1, np.uint64(2), 1.5]]
+
+
 def test_a_sharded_mmap_takes_the_single_indices_a_store_takes(tmp_path):
     store = RaggedMmap.from_lists(tmp_path / "a", [np.arange(k + 1) for k in range(4)])
     sharded = ShardedMmap([tmp_path / "a"])
