@@ -3994,9 +3994,14 @@ class QuasiRandomSampler:
         perm = rng.permutation(len(sizes))
         first, size = self.blocks[:-1][perm], sizes[perm]
         index = np.arange(int(size.sum()), dtype=np.int64) + np.repeat(first - (np.cumsum(size) - size), size)
-        # padded with the epoch's first indices (at most world_size - 1), or cut; then this rank's part
-        total = self.per_rank * self.world_size
-        index = np.resize(index, total)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        # this rank's part of the epoch padded with its first indices (at most world_size - 1,
+        # taken round: only this part is made, whatever world_size is), or cut
+        lo = self.rank * self.per_rank
+        if lo + self.per_rank > len(index):
+            lo %= max(len(index), 1)
+            index = index[np.arange(lo, lo + self.per_rank) % len(index)] if len(index) else index
+        else:
+            index = index[lo:lo + self.per_rank]
         block = np.searchsorted(self.blocks, index, "right")
         runs = np.r_[0, np.flatnonzero(block[1:] != block[:-1]) + 1, len(index)] if len(index) else [0]
         groups = list(runs[:-1:self.GROUP]) + [len(index)]

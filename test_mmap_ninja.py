@@ -3667,6 +3667,20 @@ def test_quasi_random_ranks_split_each_epoch(world_size, drop_last, tmp_path):
             assert sum(len(set(a) & set(b)) for a in shares for b in shares if a is not b) <= 2 * (world_size - 1)
 
 
+def test_quasi_random_world_size_far_past_the_store_makes_only_this_ranks_part(tmp_path, monkeypatch):
+    """Padding makes per_rank * world_size indices; only this rank's part is built (taken round
+    the epoch's order), so a world_size of 10**11 over 10 samples neither allocates nor overflows."""
+    store = sampler_store(tmp_path, "tokens", 10)  # one block: the epoch's order before shuffling is 0..9
+    for world_size, rank in ((10**11, 10**11 - 1), (2**70, 2**70 - 7), (25, 24), (25, 13)):
+        sampler = mmap_ninja.QuasiRandomSampler(store, 4, seed=3, rank=rank, world_size=world_size)
+        assert len(sampler) == 1 and list(sampler) == [[rank % 10]]
+    # the parts of the epoch padded round (3 each from 0..9, then 0, 1), as numpy's resize makes them
+    shares = [sorted(i for b in mmap_ninja.QuasiRandomSampler(store, 2, seed=3, rank=r, world_size=4) for i in b)
+              for r in range(4)]
+    assert shares == [sorted(part) for part in np.resize(np.arange(10), 12).reshape(4, 3).tolist()]
+    assert list(mmap_ninja.QuasiRandomSampler(store, 4, rank=5, world_size=12, drop_last=True)) == []
+
+
 def test_quasi_random_prefetches_one_window_ahead(tmp_path, monkeypatch):
     store = sampler_store(tmp_path, "tokens", 6000)
     asked = []
