@@ -3098,6 +3098,9 @@ def _padded(store, idx, pad_value):
     ndim, k = ndims.pop() if ndims else 1, len(idx)
     shapes = np.asarray(shapes, np.int64).reshape(k, ndim)
     dtype = np.dtype(store._dtype or np.float64)  # the pad is cast as appends are; 0 is any dtype's zero
+    if np.size(pad_value) != 1:
+        raise TypeError(f"{store.out_dir}: pad_value must be one value (a scalar), got "
+                        f"{_short(pad_value)}; every padded element gets the same value")
     try:
         pad = np.zeros((), dtype) if type(pad_value) is int and pad_value == 0 else \
             _cast(np.asarray(pad_value), dtype, store.out_dir).reshape(())

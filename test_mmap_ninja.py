@@ -4706,6 +4706,13 @@ def test_a_sharded_mmap_takes_the_single_indices_a_store_takes(tmp_path):
         assert sharded[item].tolist() == store[item].tolist() == list(range(int(item) % 4 + 1))
 
 
+def test_get_padded_refuses_a_pad_value_of_several_values(tmp_path):
+    store = RaggedMmap.from_lists(tmp_path / "t", [np.arange(3), np.arange(5)])
+    with pytest.raises(TypeError, match=f"{re.escape(str(tmp_path / 't'))}: pad_value must be one value \\(a scalar\\), got \\[0, -1\\]"):
+        store.get_padded([0, 1], pad_value=[0, -1])
+    assert store.get_padded([0, 1], pad_value=[7])[0].tolist() == [[0, 1, 2, 7, 7], [0, 1, 2, 3, 4]]
+
+
 def test_strays_and_what_killed_swaps_leave(tmp_path, monkeypatch):
     """Follow-ups to the strays rule: a parent of shards may hold a folder of its own with a
     shapes/ in it; a dead build in out_dir does not switch the rule off; a user's
