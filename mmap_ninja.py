@@ -690,7 +690,7 @@ def _copy(sample):
 
 
 def _is_int(item):
-    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
+    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_, np.timedelta64))
 
 
 def _int_0d(item):
@@ -3098,9 +3098,13 @@ def _padded(store, idx, pad_value):
     ndim, k = ndims.pop() if ndims else 1, len(idx)
     shapes = np.asarray(shapes, np.int64).reshape(k, ndim)
     dtype = np.dtype(store._dtype or np.float64)  # the pad is cast as appends are; 0 is any dtype's zero
-    if np.size(pad_value) != 1:
-        raise TypeError(f"{store.out_dir}: pad_value must be one value (a scalar), got "
-                        f"{_short(pad_value)}; every padded element gets the same value")
+    try:
+        several = np.size(pad_value) != 1
+    except ValueError:  # (a ragged list: several too)
+        several = True
+    if several:
+        raise ValueError(f"{store.out_dir}: pad_value must be one value (a scalar), got "
+                         f"{_short(pad_value)}; every padded element gets the same value")
     try:
         pad = np.zeros((), dtype) if type(pad_value) is int and pad_value == 0 else \
             _cast(np.asarray(pad_value), dtype, store.out_dir).reshape(())
@@ -3646,7 +3650,7 @@ class ShardedMmap:
     pickles as its shards' paths and lengths (a snapshot, as a single store does).
     """
 
-    def __init__(self, shards, wrapper_fn=None, _opened=None, _lengths=None):
+    def __init__(self, shards, wrapper_fn=None, _opened=None):
         if isinstance(shards, (str, bytes, os.PathLike)):
             shards = _shard_dirs(os.fsdecode(shards))
         self.paths = [os.fspath(p) for p in shards]
@@ -3657,14 +3661,18 @@ class ShardedMmap:
             if isinstance(data, np.ndarray) and data.ndim == 0:
                 raise ValueError(f"{path} is a 0-d numpy store: one value, not a sequence of "
                                  f"samples, so it cannot be a shard")
-        # (_lengths: the sender's, when unpickled: a numpy shard re-created shorter since then
-        # must not move the later shards' samples to other indices)
-        self._bounds = np.cumsum([0] + (_lengths or [len(s) for s in self.shards])).tolist()
-        self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
+        self.__setstate__({"lengths": [len(s) for s in self.shards]})
 
     def __reduce__(self):  # (with the shards: each pickles as its path and its length, a snapshot)
         lengths = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
-        return (ShardedMmap, ([_absolute(p) for p in self.paths], self.wrapper_fn, self.shards, lengths))
+        return (ShardedMmap, ([_absolute(p) for p in self.paths], self.wrapper_fn, self.shards), {"lengths": lengths})
+
+    def __setstate__(self, state):
+        """Index by the shard lengths given: when unpickled, the sender's, so that a numpy shard
+        re-created shorter since then does not move later shards' samples to other indices.
+        (As state, not an argument: an older version unpickles it too, ignoring them.)"""
+        self._bounds = np.cumsum([0] + state["lengths"]).tolist()
+        self._first = np.asarray(self._bounds[:-1], np.int64)  # each shard's first index
 
     def _shorter(self, k, local):
         """The IndexError for local row(s) that shard k no longer holds (re-created shorter
@@ -3786,8 +3794,13 @@ class ShardedMmap:
         return list(operator.itemgetter(*order.tolist())(got))  # back to the order asked
 
     def __iter__(self):
-        for shard in self.shards:
-            yield from shard
+        for k, shard in enumerate(self.shards):
+            length, count = self._bounds[k + 1] - self._bounds[k], 0
+            for count, sample in enumerate(itertools.islice(shard, length), 1):
+                yield sample
+            if count < length:  # (a numpy shard re-created shorter since this object was pickled)
+                raise self._shorter(k, length - 1) or IndexError(
+                    f"{self.paths[k]} gave {count} samples, where this ShardedMmap saw {length}")
 
     def prefetch(self, indices):
         """Start reading samples ``indices`` from disk and return at once (see

@@ -2460,6 +2460,12 @@ def test_an_unpickled_sharded_mmap_of_numpy_shards_keeps_each_sample_at_its_inde
         back[7]
     with pytest.raises(IndexError, match=gone.replace("sample 7", "sample 9")):
         back[[7, 9] * 16 + [12]]
+    samples = []  # iteration follows the same indices: shard a's five, then the error
+    with pytest.raises(IndexError, match=gone.replace("sample 7", "sample 9")):
+        for sample in back:
+            samples.append(int(sample))
+    assert samples == [0, 1, 2, 3, 4]
+    assert [int(x) for x in pickle.loads(pickle.dumps(ShardedMmap(tmp_path / "s")))] == [0, 1, 2, 3, 4] + list(range(100, 110))
     assert len(ShardedMmap(tmp_path / "s")) == 15
 
 
@@ -4695,8 +4701,9 @@ def test_a_list_mixing_signed_and_unsigned_ints_indexes_like_any_list(cold, tmp_
     flat.prefetch(idx), sharded.prefetch(idx)
     with pytest.raises(IndexError, match=f"{re.escape(str(tmp_path / 'f'))}: index 18446744073709551615 is out of range"):
         flat[[-1, np.uint64(2**64 - 1)]]
-    with pytest.raises(TypeError, match="index must be an int, a slice, a 1-D list/array of ints"):
-        flat[[-1, np.uint64(2), 1.5]]
+    for bad in ([-1, np.uint64(2), 1.5], [np.uint64(1), -1, np.timedelta64(1)], [2**64, np.timedelta64(1)]):
+        with pytest.raises(TypeError, match=f"{re.escape(str(tmp_path / 'f'))}: index must be an int, a slice, a 1-D list/array of ints"):
+            flat[bad]
 
 
 def test_a_sharded_mmap_takes_the_single_indices_a_store_takes(tmp_path):
@@ -4708,8 +4715,9 @@ def test_a_sharded_mmap_takes_the_single_indices_a_store_takes(tmp_path):
 
 def test_get_padded_refuses_a_pad_value_of_several_values(tmp_path):
     store = RaggedMmap.from_lists(tmp_path / "t", [np.arange(3), np.arange(5)])
-    with pytest.raises(TypeError, match=f"{re.escape(str(tmp_path / 't'))}: pad_value must be one value \\(a scalar\\), got \\[0, -1\\]"):
-        store.get_padded([0, 1], pad_value=[0, -1])
+    for several in ([0, -1], [[1], [2, 3]], [], np.array([1, 2])):
+        with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 't'))}: pad_value must be one value \\(a scalar\\), got "):
+            store.get_padded([0, 1], pad_value=several)
     assert store.get_padded([0, 1], pad_value=[7])[0].tolist() == [[0, 1, 2, 7, 7], [0, 1, 2, 3, 4]]
 
 
