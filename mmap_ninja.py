@@ -690,7 +690,8 @@ def _copy(sample):
 
 
 def _is_int(item):
-    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_, np.timedelta64))
+    return type(item) is int or isinstance(item, (int, np.integer)) and \
+        not isinstance(item, (bool, np.bool_, np.timedelta64))  # (numpy calls timedelta64 an integer)
 
 
 def _int_0d(item):
