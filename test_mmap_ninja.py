@@ -1161,6 +1161,36 @@ def test_a_sub_array_dtype_is_refused_before_anything_is_written(tmp_path):
         assert any("is a sub-array dtype" in p for p in mmap_ninja._verify(d))
 
 
+@pytest.mark.parametrize("first_read", ["single", "batch"])
+def test_nested_reads_use_a_common_trailing_shape_only_while_every_checked_page_has_it(first_read, tmp_path):
+    """The hot path reshapes a nested sample to (-1, *trailing axes) when every page it has
+    checked shares them (_narrow_tail); a page that differs, read first or appended later,
+    turns that off for the object, and every sample keeps its own shape."""
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 9, (int(h), 4, 3)).astype(np.int16) for h in rng.integers(0, 6, 1100)]
+    store = RaggedMmap.from_lists(tmp_path / "r", images)
+    if first_read == "batch":
+        assert_same_samples(store[list(range(1100))], images)  # (the regular layout checks every page)
+    assert_same_samples([store[i] for i in range(1100)], images)
+    assert store._tail == (-1, 4, 3)  # the trick is in place
+    worker = pickle.loads(pickle.dumps(store))  # (a DataLoader worker's copy maps once, and keeps it)
+    assert_same_samples([worker[i] for i in range(1100)], images) and worker._tail == (-1, 4, 3)
+    other = [np.arange(30, dtype=np.int16).reshape(2, 5, 3), np.arange(2, dtype=np.int16)]
+    store.extend(other)  # (onto the last page, checked again after the remap)
+    assert_same_samples([store[i] for i in range(1102)], images + other)
+    assert store._tail is None and store[-2].shape == (2, 5, 3) and store[-1].shape == (2,)
+    # a fresh object whose first page has one tail and whose second has another
+    mixed = images[:512] + [np.zeros((1, 6, 3), np.int16)] + images[512:600]
+    fresh = RaggedMmap.from_lists(tmp_path / "m", mixed)
+    assert fresh[7].shape == images[7].shape and fresh._tail == (-1, 4, 3)
+    assert fresh[512].shape == (1, 6, 3) and fresh._tail is None
+    assert_same_samples([fresh[i] for i in range(len(mixed))], mixed)
+    # an axis of length 0 beside the -1 cannot be inferred: no common tail
+    empty = [np.zeros((h, 0, 3), np.int8) for h in (1, 2, 3)]
+    zero = RaggedMmap.from_lists(tmp_path / "z", empty)
+    assert [zero[i].shape for i in range(3)] == [(1, 0, 3), (2, 0, 3), (3, 0, 3)] and zero._tail is None
+
+
 @pytest.mark.parametrize("cold", [False, True])
 def test_a_read_that_another_thread_remaps_midway_gets_its_sample(cold, tmp_path):
     store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(6).reshape(2, 3), np.arange(4).reshape(2, 2)])
