@@ -3808,8 +3808,9 @@ class ShardedMmap:
             if count:
                 mine = np.flatnonzero(shard_of == k) if count < len(idx) else None
                 local, shard = (idx if mine is None else idx[mine]) - self._bounds[k], self.shards[k]
-                if not isinstance(shard, _Sequence) and self._shorter(k, local) is not None:
-                    raise self._shorter(k, local)  # (a sequence keeps its own snapshot length)
+                gone = None if isinstance(shard, _Sequence) else self._shorter(k, local)
+                if gone is not None:  # (a sequence keeps its own snapshot length)
+                    raise gone
                 got += shard[local] if isinstance(shard, _Sequence) else [shard[i] for i in local.tolist()]
                 where.append(mine)
         if len(where) == 1:
@@ -4038,11 +4039,10 @@ class QuasiRandomSampler:
         # this rank's part of the epoch padded with its first indices (at most world_size - 1,
         # taken round: only this part is made, whatever world_size is), or cut
         lo = self.rank * self.per_rank
-        if lo + self.per_rank > len(index):
-            lo %= max(len(index), 1)
-            index = index[np.arange(lo, lo + self.per_rank) % len(index)] if len(index) else index
-        else:
+        if lo + self.per_rank <= len(index):
             index = index[lo:lo + self.per_rank]
+        else:  # (padded, so the store is not empty)
+            index = index[np.arange(lo % len(index), lo % len(index) + self.per_rank) % len(index)]
         block = np.searchsorted(self.blocks, index, "right")
         runs = np.r_[0, np.flatnonzero(block[1:] != block[:-1]) + 1, len(index)] if len(index) else [0]
         groups = list(runs[:-1:self.GROUP]) + [len(index)]
