@@ -367,7 +367,9 @@ def _dtype_to_text(dtype, path=""):
         raise TypeError(f"{path}: dtype {dtype!r} is a sub-array dtype (each element an array of "
                         f"shape {dtype.shape}); pass its element dtype, {dtype.base}, and give the "
                         f"samples that shape as their last axes")
-    candidates = [dtype.name, dtype.str] if dtype.names is None else [repr(dtype.descr)]
+    # (a structured dtype's descr in ASCII: a field named "é" is written "\xe9", which
+    # literal_eval reads back; UTF-8 text here is refused by the reader, _read_text)
+    candidates = [dtype.name, dtype.str] if dtype.names is None else [ascii(dtype.descr)]
     for text in candidates:
         try:
             if _parse_dtype(text) == dtype:
@@ -449,8 +451,9 @@ def _read_meta(store_dir):
                          f"(its nonzero axes need 2**63 bytes or more): the shape file is damaged")
     order_path = join(store_dir, "order.ninja")
     order = _read_text(order_path, "order", 64) if os.path.lexists(order_path) else "C"
-    if order not in ("C", "F"):
+    if order not in ("C", "F", "c", "f"):  # (the published np_empty writes the order it is given)
         raise ValueError(f"{order_path}: order must be 'C' or 'F', found {order!r}")
+    order = order.upper()
     return dtype, shape, order
 
 
@@ -1486,7 +1489,16 @@ def np_empty(out_dir, dtype, shape, order="C", *, durable=False):
     """Create a numpy store of zeros and return it as a writable ``np.memmap`` (``durable``:
     fsync-ed first)."""
     dtype = np.dtype(dtype)
-    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(a) for a in shape)
+    try:  # (ints only, as numpy takes them: int(2.7) would make a store of 2)
+        given = [shape] if np.ndim(shape) == 0 else list(shape)
+        if any(isinstance(a, (bool, np.bool_)) for a in given):
+            raise TypeError("a bool is not a length")
+        shape = tuple(map(operator.index, given))
+    except TypeError as e:
+        raise TypeError(f"{out_dir}: shape must be an int or a sequence of ints, got {_short(shape)} ({e})") from e
+    if order not in ("C", "F", "c", "f"):
+        raise ValueError(f"{out_dir}: order must be 'C' or 'F', got {order!r}")
+    order = order.upper()
     nbytes = math.prod(shape) * dtype.itemsize
     if not _makeable(shape, dtype.itemsize):
         raise ValueError(f"{out_dir}: cannot make a store of shape {_short(shape)} and dtype {dtype}: "

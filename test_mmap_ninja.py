@@ -4751,6 +4751,43 @@ def test_get_padded_refuses_a_pad_value_of_several_values(tmp_path):
     assert store.get_padded([0, 1], pad_value=[7])[0].tolist() == [[0, 1, 2, 7, 7], [0, 1, 2, 3, 4]]
 
 
+def test_np_empty_takes_numpy_order_spellings_and_refuses_others_before_writing(tmp_path):
+    d = tmp_path / "f"
+    np_ninja.from_ndarray(d, np.arange(6.0))
+    before = snapshot(d)
+    for order in ("X", "A", ""):
+        with pytest.raises(ValueError, match=f"{re.escape(str(d))}: order must be 'C' or 'F', got {order!r}"):
+            np_ninja.empty(d, np.float32, (2, 3), order)
+        assert snapshot(d) == before
+    for shape in (2.7, (3.9, 2), (True, 2)):
+        with pytest.raises(TypeError, match=f"{re.escape(str(d))}: shape must be an int or a sequence of ints"):
+            np_ninja.empty(d, np.float32, shape)
+        assert snapshot(d) == before
+    arr = np_ninja.empty(d, np.float32, (2, 3), "f")  # (numpy takes "f"; so did the published package)
+    assert arr.flags.f_contiguous and (d / "order.ninja").read_text() == "F"
+    (d / "order.ninja").write_text("f")  # as the published np_empty writes it
+    back = np_ninja.open_existing(d)
+    assert back.shape == (2, 3) and back.flags.f_contiguous and back.dtype == np.float32
+
+
+def test_structured_field_names_beyond_ascii_are_stored_and_read_back(tmp_path):
+    """dtype.ninja is ASCII: a field named "température" is written escaped. Before, each writer
+    wrote it as UTF-8, which no reader opens: the store it replaced was lost."""
+    dt = np.dtype([("température", "<f4"), ("日", "<i2")])
+    rows = np.array([(1.5, 7), (2.5, -1)], dt)
+    np_ninja.from_ndarray(tmp_path / "n", rows)
+    assert (tmp_path / "n" / "dtype.ninja").read_bytes().isascii()
+    back = np_ninja.open_existing(tmp_path / "n")
+    assert back.dtype == dt and back.tolist() == rows.tolist()
+    np_ninja.from_ndarray(tmp_path / "z", rows[0])  # (a 0-d store: one record)
+    assert np_ninja.open_existing(tmp_path / "z").tolist() == (1.5, 7)
+    assert np_ninja.empty(tmp_path / "e", dt, 2).dtype == dt
+    assert RaggedMmap.from_lists(tmp_path / "r0", [], dtype=dt).dtype == dt
+    r = RaggedMmap(tmp_path / "r")
+    r.append(rows)
+    assert RaggedMmap(tmp_path / "r")[0].tolist() == rows.tolist() and RaggedMmap(tmp_path / "r").dtype == dt
+
+
 def test_strays_and_what_killed_swaps_leave(tmp_path, monkeypatch):
     """Follow-ups to the strays rule: a parent of shards may hold a folder of its own with a
     shapes/ in it; a dead build in out_dir does not switch the rule off; a user's
