@@ -83,6 +83,7 @@ import ast
 import bisect
 import collections
 import contextlib
+import copy
 import errno
 import functools
 import itertools
@@ -613,9 +614,13 @@ def _short(value):
     return text if len(text) < 60 else text[:57] + "..."
 
 
-def _check_batch_size(value, name="batch_size"):
+def _check_batch_size(value, name="batch_size", most=sys.maxsize):
+    if isinstance(value, float) and value.is_integer():  # (1e4: the published package takes it)
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if most is not None and value > most:  # (a batch is cut with islice, which takes at most this)
+        raise ValueError(f"{name} must be at most {most}, got {value!r}")
     return int(value)
 
 
@@ -686,10 +691,13 @@ def _scalar(length, recorded):
 
 
 def _copy(sample):
-    """A writable copy of a sample (of each array of a list of them); other values as they are."""
+    """A writable copy of a sample (of each array of a list of them), as copy.copy makes one (a
+    record of a structured store, a dict, a masked array keep their type); an array in memory."""
     if isinstance(sample, np.ndarray):
-        return np.array(sample, copy=True)
-    return [_copy(s) for s in sample] if type(sample) is list else sample
+        return np.array(sample, copy=True, subok=not isinstance(sample, np.memmap))
+    if type(sample) is list:
+        return [_copy(s) for s in sample]
+    return copy.copy(sample)  # (a record: np.array(record, copy=True) would still view the map)
 
 
 def _is_int(item):
@@ -1042,8 +1050,8 @@ def _clear_unfinished(store_dir):
 def _progress(iterable, total=None, desc="", verbose=False):
     if not verbose:
         return iterable
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)
+    if total is None:
+        total = _length(iterable)  # (None when it has none, or its __len__ raises TypeError)
     try:
         from tqdm.auto import tqdm
     except ImportError:
@@ -1450,6 +1458,7 @@ def _open_memmap(out_dir, mode="r", rows=None):
 
 
 def _map_memmap(out_dir, mode, rows):
+    mode = {"readonly": "r", "readwrite": "r+", "copyonwrite": "c"}.get(mode, mode)  # (numpy's names too)
     if mode not in ("r", "r+", "c"):
         raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
     _check_directory(out_dir)
@@ -3647,8 +3656,8 @@ class StringsMmap(_Sequence):
             _create_sequence(build, None, False, raw=True,
                              zstd=None if level is None else (int(level), dictionary), durable=durable)
             with cls(build, durable=durable) as builder:
-                _write_batches(_progress(strings, desc="strings", verbose=verbose), batch_size or 65536,
-                               builder.extend)
+                _write_batches(_progress(strings, desc="strings", verbose=verbose),
+                               65536 if batch_size is None else _check_batch_size(batch_size), builder.extend)
         return cls(out_dir, mode=mode, durable=durable)
 
     def __repr__(self):
@@ -4009,8 +4018,8 @@ class QuasiRandomSampler:
 
     def __init__(self, store, batch_size, *, seed=0, rank=0, world_size=1, drop_last=False, block_bytes=8 << 20):
         self.batch_size = _check_batch_size(batch_size)
-        world_size = _check_batch_size(world_size, "world_size")
-        block_bytes = min(_check_batch_size(block_bytes, "block_bytes"), 1 << 62)  # (more: one block)
+        world_size = _check_batch_size(world_size, "world_size", None)
+        block_bytes = min(_check_batch_size(block_bytes, "block_bytes", None), 1 << 62)  # (more: one block)
         if not (_is_int(rank) and 0 <= rank < world_size):
             raise ValueError(f"rank must be an int in [0, {world_size}) for world_size={world_size}, got {rank!r}")
         self.store, self.seed, self.rank, self.world_size = store, _check_seed(seed, "seed"), int(rank), world_size

@@ -4788,6 +4788,52 @@ def test_structured_field_names_beyond_ascii_are_stored_and_read_back(tmp_path):
     assert RaggedMmap(tmp_path / "r")[0].tolist() == rows.tolist() and RaggedMmap(tmp_path / "r").dtype == dt
 
 
+def test_copy_before_wrapper_fn_copies_records_dicts_and_masked_arrays(tmp_path):
+    """The sample a wrapper_fn gets is its own, as copy.copy makes it: a record of a structured
+    store (np.array(record, copy=True) would still view the store's map), a dict, a masked array."""
+    d = tmp_path / "records"
+    np_ninja.from_ndarray(d, np.zeros(3, [("label", "<i4"), ("score", "<f4")]))
+
+    def augment(record):
+        record["label"] = 99
+        return record
+    assert open_existing(d, wrapper_fn=augment, mode="r+")[0]["label"] == 99
+    assert [r[0] for r in Wrapped(np_ninja.open_existing(d, "r+"), augment)] == [99, 99, 99]
+    assert open_existing(d, wrapper_fn=augment)[1]["label"] == 99  # (read-only map: the copy is writable)
+    assert np_ninja.open_existing(d).tolist() == [(0, 0.0)] * 3
+    data = [{"label": 1}]
+    assert Wrapped(data, lambda s: s.update(label=2) or s)[0] == {"label": 2} and data == [{"label": 1}]
+    masked = [np.ma.array([1.0, 100.0, 3.0], mask=[0, 1, 0])]
+    seen = Wrapped(masked, lambda s: s)[0]
+    assert type(seen) is np.ma.MaskedArray and seen.mean() == 2.0 and seen.base is not masked[0].base
+
+
+def test_numpy_mode_names_float_batch_sizes_and_lengths_that_raise(tmp_path):
+    """What the published package takes: numpy's long mode names, a whole-number float batch
+    size (1e4), verbose=True over an iterable whose __len__ raises TypeError."""
+    np_ninja.from_ndarray(tmp_path / "a", np.arange(4))
+    for mode, same in (("readonly", "r"), ("readwrite", "r+"), ("copyonwrite", "c")):
+        assert np_ninja.open_existing(tmp_path / "a", mode=mode).mode == np_ninja.open_existing(tmp_path / "a", same).mode
+    assert np_ninja.from_generator(tmp_path / "g", (np.arange(2) for _ in range(3)), 1e4).tolist() == [[0, 1]] * 3
+    assert len(RaggedMmap.from_generator(tmp_path / "r", (np.arange(2) for _ in range(3)), 1e4)) == 3
+    assert StringsMmap.from_generator(tmp_path / "s", iter(["a", "b"]), 1e4)[:] == ["a", "b"]
+
+    class Rows:
+        def __iter__(self):
+            return iter([np.arange(2), np.arange(2)])
+
+        def __len__(self):
+            raise TypeError("no length")
+    assert np_ninja.from_generator(tmp_path / "v", Rows(), 1, verbose=True).shape == (2, 2)
+    for bad, message in ((1.5, "batch_size must be a positive integer, got 1.5"), (0, "got 0"),
+                         (2**63, f"batch_size must be at most {sys.maxsize}, got {2**63}")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            StringsMmap.from_strings(tmp_path / "x", ["a"], batch_size=bad)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            RaggedMmap.from_generator(tmp_path / "x", iter([np.arange(2)]), bad)
+    assert not (tmp_path / "x").exists()
+
+
 def test_strays_and_what_killed_swaps_leave(tmp_path, monkeypatch):
     """Follow-ups to the strays rule: a parent of shards may hold a folder of its own with a
     shapes/ in it; a dead build in out_dir does not switch the rule off; a user's
