@@ -1548,15 +1548,22 @@ def np_from_generator(out_dir, sample_generator, batch_size, verbose=False, *, d
     batch_size = _check_batch_size(batch_size)
     samples = iter(_progress(sample_generator, desc="numpy", verbose=verbose))
     with _creating(out_dir, durable) as build:
-        for first in samples:  # the first sample chooses the dtype and the row shape
-            sample = _as_sample(first, out_dir)
-            _write_meta(build, sample.dtype, (0,) + sample.shape)
-            with _NumpyWriter(build) as writer:
-                _write_batches(itertools.chain([first], samples), batch_size, writer.extend_rows)
-            break
-        else:
+        first = list(itertools.islice(samples, batch_size))
+        if not first:
             raise ValueError(f"{out_dir}: the generator yielded no samples, so the store's dtype "
                              f"and shape cannot be inferred; use np_empty(out_dir, dtype, shape)")
+        # the first sample chooses the row shape; the first batch the dtype, as numpy stacks it
+        # (and the published package): np.float32(1) then 0.1 make float64, 1 then 2.5 float64
+        rows = [_as_sample(x, out_dir) for x in first]
+        dtype = rows[0].dtype
+        if any(r.dtype != dtype for r in rows):  # (promote_types: native byte order, so only then)
+            try:
+                dtype = functools.reduce(np.promote_types, (r.dtype for r in rows))
+            except TypeError:  # (kinds that do not promote: the first one's, cast as appends are)
+                pass
+        _write_meta(build, dtype, (0,) + rows[0].shape)
+        with _NumpyWriter(build) as writer:
+            _write_batches(itertools.chain(rows, samples), batch_size, writer.extend_rows)
     return _open_memmap(out_dir, "r+")
 
 

@@ -4834,6 +4834,23 @@ def test_numpy_mode_names_float_batch_sizes_and_lengths_that_raise(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_np_from_generator_takes_its_dtype_from_the_first_batch_as_numpy_stacks_it(tmp_path):
+    """As the published package (which stacks the first batch): np.float32(1) then 0.1 is a
+    float64 store, not a float32 one that rounds 0.1; 1 then 2.5 is float64, not refused. One
+    dtype throughout keeps its byte order; a later batch is cast as appends are."""
+    cases = [([np.float32(1), 0.1, 0.2], np.float64, [1.0, 0.1, 0.2]),
+             ([1, 2.5, 3], np.float64, [1.0, 2.5, 3.0]),
+             ([np.int32(1), np.int64(2**40)], np.int64, [1, 2**40]),
+             (["a", "hello"], np.dtype("<U5"), ["a", "hello"]),
+             ([np.arange(2, dtype=">i4")] * 2, np.dtype(">i4"), [[0, 1], [0, 1]])]
+    for k, (samples, dtype, values) in enumerate(cases):
+        arr = np_ninja.from_generator(tmp_path / f"g{k}", iter(samples), 4)
+        assert arr.dtype == dtype and arr.tolist() == values
+    with pytest.raises(TypeError, match="cannot store"):  # (2.5 after a first batch of ints)
+        np_ninja.from_generator(tmp_path / "late", iter([1, 2, 2.5]), 2)
+    assert not (tmp_path / "late").exists()
+
+
 def test_strays_and_what_killed_swaps_leave(tmp_path, monkeypatch):
     """Follow-ups to the strays rule: a parent of shards may hold a folder of its own with a
     shapes/ in it; a dead build in out_dir does not switch the rule off; a user's
