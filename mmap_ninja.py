@@ -614,8 +614,8 @@ def _short(value):
     return text if len(text) < 60 else text[:57] + "..."
 
 
-def _check_batch_size(value, name="batch_size", most=sys.maxsize):
-    if isinstance(value, float) and value.is_integer():  # (1e4: the published package takes it)
+def _check_batch_size(value, name="batch_size", most=sys.maxsize, floats=True):
+    if floats and isinstance(value, float) and value.is_integer():  # (1e4: the published package takes it)
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -1457,8 +1457,11 @@ def _open_memmap(out_dir, mode="r", rows=None):
     return _from_one_directory(out_dir, lambda: _map_memmap(out_dir, mode, rows), lambda: None)
 
 
+_MODE_NAMES = {"readonly": "r", "readwrite": "r+", "copyonwrite": "c"}  # numpy's (np.memmap's) long names
+
+
 def _map_memmap(out_dir, mode, rows):
-    mode = {"readonly": "r", "readwrite": "r+", "copyonwrite": "c"}.get(mode, mode)  # (numpy's names too)
+    mode = _MODE_NAMES.get(mode, mode) if isinstance(mode, str) else mode
     if mode not in ("r", "r+", "c"):
         raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
     _check_directory(out_dir)
@@ -1558,12 +1561,16 @@ def np_from_generator(out_dir, sample_generator, batch_size, verbose=False, *, d
         dtype = rows[0].dtype
         if any(r.dtype != dtype for r in rows):  # (promote_types: native byte order, so only then)
             try:
-                dtype = functools.reduce(np.promote_types, (r.dtype for r in rows))
+                promoted = functools.reduce(np.promote_types, (r.dtype for r in rows))
+                # (int64 with uint64 promotes to float64, which would refuse big IDs: keep the first)
+                dtype = dtype if promoted.kind == "f" and all(r.dtype.kind in "biu" for r in rows) else promoted
             except TypeError:  # (kinds that do not promote: the first one's, cast as appends are)
                 pass
         _write_meta(build, dtype, (0,) + rows[0].shape)
+        batches = itertools.chain(iter(rows), samples)  # (an iterator lets the list go once read:
+        del first, rows  # memory holds one batch)
         with _NumpyWriter(build) as writer:
-            _write_batches(itertools.chain(rows, samples), batch_size, writer.extend_rows)
+            _write_batches(batches, batch_size, writer.extend_rows)
     return _open_memmap(out_dir, "r+")
 
 
@@ -2533,6 +2540,7 @@ class RaggedMmap(_Sequence):
                  copy_before_wrapper_fn=True, *, durable=False):
         _check_keys(dict(starts_key=starts_key, ends_key=ends_key, shapes_key=shapes_key,
                          flattened_shapes_key=flattened_shapes_key), "RaggedMmap")
+        mode = _MODE_NAMES.get(mode, mode) if isinstance(mode, str) else mode
         if mode not in ("r", "r+", "c"):
             raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c', got {mode!r}")
         self.out_dir = _absolute(out_dir)
@@ -4024,9 +4032,9 @@ class QuasiRandomSampler:
     SPLIT = 4  # windows per group: each a quarter of every block of the group
 
     def __init__(self, store, batch_size, *, seed=0, rank=0, world_size=1, drop_last=False, block_bytes=8 << 20):
-        self.batch_size = _check_batch_size(batch_size)
-        world_size = _check_batch_size(world_size, "world_size", None)
-        block_bytes = min(_check_batch_size(block_bytes, "block_bytes", None), 1 << 62)  # (more: one block)
+        self.batch_size = _check_batch_size(batch_size, floats=False)  # (ints, as rank must be)
+        world_size = _check_batch_size(world_size, "world_size", None, False)
+        block_bytes = min(_check_batch_size(block_bytes, "block_bytes", None, False), 1 << 62)  # (more: one block)
         if not (_is_int(rank) and 0 <= rank < world_size):
             raise ValueError(f"rank must be an int in [0, {world_size}) for world_size={world_size}, got {rank!r}")
         self.store, self.seed, self.rank, self.world_size = store, _check_seed(seed, "seed"), int(rank), world_size

@@ -4803,6 +4803,9 @@ def test_copy_before_wrapper_fn_copies_records_dicts_and_masked_arrays(tmp_path)
     assert np_ninja.open_existing(d).tolist() == [(0, 0.0)] * 3
     data = [{"label": 1}]
     assert Wrapped(data, lambda s: s.update(label=2) or s)[0] == {"label": 2} and data == [{"label": 1}]
+    np_ninja.from_ndarray(tmp_path / "rows", np.arange(6).reshape(3, 2))
+    row = open_existing(tmp_path / "rows", wrapper_fn=lambda s: s)[1]  # (a row in memory, not a memmap)
+    assert type(row) is np.ndarray and row.flags.owndata and row.tolist() == [2, 3]
     masked = [np.ma.array([1.0, 100.0, 3.0], mask=[0, 1, 0])]
     seen = Wrapped(masked, lambda s: s)[0]
     assert type(seen) is np.ma.MaskedArray and seen.mean() == 2.0 and seen.base is not masked[0].base
@@ -4812,8 +4815,12 @@ def test_numpy_mode_names_float_batch_sizes_and_lengths_that_raise(tmp_path):
     """What the published package takes: numpy's long mode names, a whole-number float batch
     size (1e4), verbose=True over an iterable whose __len__ raises TypeError."""
     np_ninja.from_ndarray(tmp_path / "a", np.arange(4))
+    RaggedMmap.from_lists(tmp_path / "ra", [np.arange(2)])
     for mode, same in (("readonly", "r"), ("readwrite", "r+"), ("copyonwrite", "c")):
         assert np_ninja.open_existing(tmp_path / "a", mode=mode).mode == np_ninja.open_existing(tmp_path / "a", same).mode
+        assert RaggedMmap(tmp_path / "ra", mode=mode).mode == same
+    with pytest.raises(ValueError, match="world_size must be a positive integer, got 2.0"):  # (no published
+        mmap_ninja.QuasiRandomSampler(RaggedMmap(tmp_path / "ra"), 1, world_size=2.0)     # sampler: ints)
     assert np_ninja.from_generator(tmp_path / "g", (np.arange(2) for _ in range(3)), 1e4).tolist() == [[0, 1]] * 3
     assert len(RaggedMmap.from_generator(tmp_path / "r", (np.arange(2) for _ in range(3)), 1e4)) == 3
     assert StringsMmap.from_generator(tmp_path / "s", iter(["a", "b"]), 1e4)[:] == ["a", "b"]
@@ -4843,9 +4850,22 @@ def test_np_from_generator_takes_its_dtype_from_the_first_batch_as_numpy_stacks_
              ([np.int32(1), np.int64(2**40)], np.int64, [1, 2**40]),
              (["a", "hello"], np.dtype("<U5"), ["a", "hello"]),
              ([np.arange(2, dtype=">i4")] * 2, np.dtype(">i4"), [[0, 1], [0, 1]])]
+    cases += [([np.uint64(2**63 + 1), np.int64(1)], np.uint64, [2**63 + 1, 1]),  # (not float64: IDs
+              ([2**63 + 1, 1], np.uint64, [2**63 + 1, 1])]                        # stay exact)
     for k, (samples, dtype, values) in enumerate(cases):
         arr = np_ninja.from_generator(tmp_path / f"g{k}", iter(samples), 4)
         assert arr.dtype == dtype and arr.tolist() == values
+    alive = []  # memory holds one batch: the first batch goes once written
+
+    def rows():
+        for i in range(40):
+            if i == 30:
+                alive.append(sum(r() is not None for r in refs[:8]))
+            row = np.full(1000, i, np.int32)
+            refs.append(weakref.ref(row))
+            yield row
+    refs = []
+    assert np_ninja.from_generator(tmp_path / "m", rows(), 8)[:, 0].tolist() == list(range(40)) and alive == [0]
     with pytest.raises(TypeError, match="cannot store"):  # (2.5 after a first batch of ints)
         np_ninja.from_generator(tmp_path / "late", iter([1, 2, 2.5]), 2)
     assert not (tmp_path / "late").exists()
