@@ -693,8 +693,10 @@ def _scalar(length, recorded):
 def _copy(sample):
     """A writable copy of a sample (of each array of a list of them), as copy.copy makes one (a
     record of a structured store, a dict, a masked array keep their type); an array in memory."""
-    if isinstance(sample, np.ndarray):
-        return np.array(sample, copy=True, subok=not isinstance(sample, np.memmap))
+    if type(sample) is np.ndarray:  # (the common case: 60 ns less than np.array(copy=True))
+        return sample.copy(order="K")
+    if isinstance(sample, np.ndarray):  # a subclass keeps its type (a masked array its mask); a
+        return np.array(sample, copy=True, subok=not isinstance(sample, np.memmap))  # memmap's rows: memory
     if type(sample) is list:
         return [_copy(s) for s in sample]
     return copy.copy(sample)  # (a record: np.array(record, copy=True) would still view the map)
