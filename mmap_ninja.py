@@ -1140,11 +1140,38 @@ def _honoured(fd):
     return _HONOURED[dev]
 
 
+class _ColdSlices:
+    """What the store's hot path slices (store._source) instead of the data while the data is
+    found cold: slicing it asks for the slice's pages first. One per mapping, holding that
+    mapping's data: asking lets other threads run, and a remap meanwhile (another thread's
+    append, say) would give the offsets the hot path read with the old maps the bytes of new
+    ones, so a slice that a remap overtook misses (IndexError) into the slow path."""
+
+    __slots__ = ("io", "data", "mm", "itemsize")
+
+    def __init__(self, io):
+        self.io, self.data, self.mm, self.itemsize = io, io.data, io.mm, io.itemsize
+
+    def __getitem__(self, item):  # item is a slice of elements
+        io = self.io
+        start, stop = item.start * self.itemsize, item.stop * self.itemsize
+        io.count += 1
+        if stop > start and (io.count % io.PROBE_EVERY or not io.seen(start)):
+            _willneed(self.mm, start, stop, io.chunk)
+        try:
+            sample = self.data[item]
+        except ValueError:  # (a strings store's map, which the remap closed)
+            raise IndexError from None
+        if io.slices is not self:  # (a remap began meanwhile: the offsets may be another map's)
+            raise IndexError
+        return sample
+
+
 class _ReadAhead:
-    """The cold-read state of one mapping of a store's data. While the data is found cold it
-    stands in for the data on the store's hot path (store._source): slicing it asks for the
-    slice's pages first. Batch reads ask for all their samples' pages; scans are left to the
-    kernel's own read-ahead, which reads sequentially in large blocks."""
+    """The cold-read state of one mapping of a store's data. While the data is found cold the
+    store's hot path reads through a _ColdSlices, which asks for a sample's pages first. Batch
+    reads ask for all their samples' pages; scans are left to the kernel's own read-ahead,
+    which reads sequentially in large blocks."""
 
     PROBE_EVERY = 64  # probe every 64th read (single or batch) to notice the data turning
     HOT_AFTER = 16    # consecutive resident probes before cold data is called hot again
@@ -1153,6 +1180,7 @@ class _ReadAhead:
     def __init__(self, store):
         # (a weak reference: a store dropped without close() is freed at once, maps and all)
         self.store, self.data, self.mm, self.fd, self.itemsize = weakref.ref(store), None, None, None, 1
+        self.slices = None  # the _ColdSlices the store's hot path reads through, while cold
         self.cold, self.forced, self.count, self.streak, self.scanning = False, None, 0, 0, 0
         self.chunk = _CHUNK  # bytes per WILLNEED call (_honoured)
         self.asked = []  # the byte ranges of the last prefetches: (starts, ends) arrays
@@ -1175,13 +1203,6 @@ class _ReadAhead:
             self.seen(starts[i] * itemsize)
         self.set(self.cold)
 
-    def __getitem__(self, item):  # the store's hot path while cold: item is a slice of elements
-        start, stop = item.start * self.itemsize, item.stop * self.itemsize
-        self.count += 1
-        if stop > start and (self.count % self.PROBE_EVERY or not self.seen(start)):
-            _willneed(self.mm, start, stop, self.chunk)
-        return self.data[item]
-
     def resident(self, offset):
         """Whether the page holding byte offset is in the page cache (True when that cannot be
         told); probing a page that is not starts reading it."""
@@ -1194,19 +1215,26 @@ class _ReadAhead:
 
     def seen(self, offset):
         """Probe one byte offset and update the verdict (one miss: cold; HOT_AFTER hits in a
-        row: hot); returns whether it was resident."""
+        row: hot); returns whether it was resident. (Called from the hot path too, lock-free:
+        a new verdict is set under the store's mutex, so that it never installs a mapping that
+        a remap is replacing.)"""
         resident = self.resident(offset)
         self.streak = self.streak + 1 if resident else 0
         cold = not resident or (self.cold and self.streak < self.HOT_AFTER)
-        if self.forced is None and cold != self.cold:
-            self.set(cold)
+        store = self.store()
+        if self.forced is None and cold != self.cold and store is not None:
+            with store._lock():
+                if self.forced is None and cold != self.cold:
+                    self.set(cold)
         return resident
 
     def set(self, cold):
+        """Read the data as cold or not (under the store's mutex)."""
         self.cold = cold
         store = self.store()
+        self.slices = _ColdSlices(self) if cold and self.data is not None else None
         if store is not None:
-            store._source = self if cold else self.data
+            store._source = self.slices if cold and self.data is not None else self.data
 
     def due(self):
         """Whether the next batch read needs batch(): always while cold, now and then while hot."""
@@ -1268,20 +1296,21 @@ class _ReadAhead:
         """A sequential pass: cold data is read ahead by the kernel, in large blocks (and pages
         are dropped sooner after use, MADV_SEQUENTIAL), not sample by sample."""
         self.scanning += 1
-        sequential = self.cold and _ADVISE and self.mm is not None
+        mm = self.mm  # (the map advised: close() or a remap may drop it meanwhile)
+        sequential = self.cold and _ADVISE and mm is not None
         if sequential:
             with contextlib.suppress(OSError, ValueError):
-                self.mm.madvise(mmap.MADV_SEQUENTIAL)
+                mm.madvise(mmap.MADV_SEQUENTIAL)
         try:
             yield
         finally:
             self.scanning -= 1
             if sequential:
-                with contextlib.suppress(OSError, ValueError):
-                    self.mm.madvise(mmap.MADV_NORMAL)
+                with contextlib.suppress(OSError, ValueError):  # (ValueError: closed meanwhile)
+                    mm.madvise(mmap.MADV_NORMAL)
 
     def close(self):  # (under the store's mutex, or from __del__: never two at once)
-        fd, self.fd, self.probing, self.asked = self.fd, None, False, []
+        fd, self.fd, self.probing, self.asked, self.slices = self.fd, None, False, [], None
         self.aside = None  # (a thread still asking stops: a remap may bring a new file)
         self.pending.clear()
         if fd is not None:
@@ -2050,6 +2079,7 @@ class _Sequence:
 
     def _unmap(self):
         """Inert state: the hot path misses (IndexError) and _ensure_mapped maps the files."""
+        self._io.slices = None  # (a cold read in flight misses too: see _ColdSlices)
         self._mapped = 0
         self._loaded = False
         self._starts = self._ends = _int64_view(None, 0)
@@ -2123,9 +2153,10 @@ class _Sequence:
 
     @cold.setter
     def cold(self, value):
-        self._map_all()
-        self._io.forced = value
-        self._io.set(bool(value) if value is not None else self._io.cold)
+        with self._lock():  # (a remap in another thread must not be half seen)
+            self._map_all()
+            self._io.forced = value
+            self._io.set(bool(value) if value is not None else self._io.cold)
 
     def _ask(self, idx, reach=0):
         """Before reading samples idx (checked): their pages, while the data is cold (and

@@ -1206,6 +1206,72 @@ def test_a_read_that_another_thread_remaps_midway_gets_its_sample(cold, tmp_path
         store[1]
 
 
+@pytest.mark.parametrize("kind", ["strings", "nested"])
+def test_a_cold_read_that_a_remap_overtakes_gets_a_sample_of_one_store(kind, monkeypatch, tmp_path):
+    # A cold read asks for its sample's pages first, which lets other threads run; here another
+    # thread's append moves the object to a store that another process re-created. The read
+    # had its offsets from the old maps: it must not slice them out of the new data.
+    d = tmp_path / "s"
+    if kind == "strings":
+        old, new = ["old %d" % k + "o" * k for k in range(20)], ["N%d" % k for k in range(20)]
+        create, added = (lambda samples: StringsMmap.from_strings(d, samples)), "x"
+    else:
+        old = [np.full((k % 3 + 1, 2), k, np.int16) for k in range(20)]
+        new = [np.full((1, k % 4 + 2), 100 + k, np.int16) for k in range(20)]
+        create, added = (lambda samples: RaggedMmap.from_lists(d, samples)), np.zeros((1, 1), np.int16)
+    def check(got, want):
+        if kind == "strings":
+            return got == want
+        return got.dtype == want.dtype and got.shape == want.shape and (got == want).all()
+    store = create(old)
+    store.cold = True
+    assert check(store[3], old[3]) and check(store[9], old[9])
+    create(new)  # (another process)
+    real, calls = mmap_ninja._willneed, []
+
+    def overtaken(mm, start, stop, chunk=mmap_ninja._CHUNK):
+        if not calls:
+            calls.append(1)
+            store.append(added)  # (another thread, which then reads: it maps the new store)
+            assert check(store[0], new[0])
+        real(mm, start, stop, chunk)
+    monkeypatch.setattr(mmap_ninja, "_willneed", overtaken)
+    store._io.count = 0  # (so that this read asks, not probes)
+    got = store[9]
+    assert calls and (check(got, new[9]) or check(got, old[9])), got  # (either store's; never a mix)
+    assert len(store) == 21 and store._source is store._io.slices is not None
+
+
+def test_the_cold_verdict_is_set_under_the_store_mutex(tmp_path):
+    # (set halfway through another thread's remap, it installed a map being dropped: every
+    # read then recursed until the next remap)
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3)])
+    assert store[0].tolist() == [0, 1, 2]
+    done = threading.Event()
+
+    def setter():
+        store.cold = True
+        done.set()
+    with store._lock():  # (a remap in another thread)
+        thread = threading.Thread(target=setter)
+        thread.start()
+        assert not done.wait(0.2)
+    thread.join(5)
+    assert done.is_set() and store._source is store._io.slices is not None
+    assert store[0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["ragged", "strings"])
+def test_closing_a_cold_store_while_iterating_it_says_it_is_closed(kind, tmp_path):
+    d = tmp_path / "s"
+    store = RaggedMmap.from_lists(d, [np.arange(k % 7) for k in range(600)]) if kind == "ragged" else \
+        StringsMmap.from_strings(d, ["s%d" % k for k in range(600)])  # (iteration reads 256 at a time)
+    store.cold = True
+    with pytest.raises(ValueError, match=f"{d}: the store is closed"):
+        for _ in store:
+            store.close()
+
+
 @needs_zstd
 def test_a_zstd_string_read_during_another_threads_remap_decodes(tmp_path):
     store = StringsMmap.from_strings(tmp_path / "z", ["zstd ü %d" % k for k in range(8)], zstd_level=3)
