@@ -2280,19 +2280,22 @@ class _Sequence:
         return self[item]
 
     # The published package's attributes, which code in the wild reads (length-bucketed
-    # batching reads ends - starts, say): read-only arrays over the maps, made on demand.
+    # batching reads ends - starts, say): read-only arrays over the maps, made on demand, under
+    # the mutex (another thread's append remaps: the maps are placeholders meanwhile).
 
     @property
     def starts(self):
         """Where each sample starts: element offsets (bytes for strings), an int64 array."""
-        self._map_all()
-        return self._gather("_starts", slice(None))
+        with self._lock():
+            self._map_all()
+            return self._gather("_starts", slice(None))
 
     @property
     def ends(self):
         """Where each sample ends, as ``starts``."""
-        self._map_all()
-        return self._gather("_ends", slice(None))
+        with self._lock():
+            self._map_all()
+            return self._gather("_ends", slice(None))
 
     @property
     def range(self):
@@ -2789,27 +2792,31 @@ class RaggedMmap(_Sequence):
     @property
     def memmap(self):
         """Every sample's elements, concatenated: a 1-D array over the data file's map."""
-        self._map_all()
-        return self._data
+        with self._lock():
+            self._map_all()
+            return self._data
 
     @property
     def flattened_shapes(self):
         """Each sample's element count, an int64 array."""
-        return self.ends - self.starts
+        with self._lock():  # (both of one mapping)
+            return self.ends - self.starts
 
     @property
     def shapes(self):
         """Each sample's shape: an (n, 1) int64 array when every sample is 1-D or 0-d (a 0-d
         sample recorded as length 0), else a RaggedMmap whose sample i is sample i's shape."""
-        self._map_all()
-        if self._nested:
-            return RaggedMmap(_shapes_dir(self.out_dir))
-        return self._gather("_flat_shapes", slice(None)).reshape(-1, 1)
+        with self._lock():
+            self._map_all()
+            if self._nested:
+                return RaggedMmap(_shapes_dir(self.out_dir))
+            return self._gather("_flat_shapes", slice(None)).reshape(-1, 1)
 
     @property
     def shapes_are_flat(self):
-        self._map_all()
-        return not self._nested
+        with self._lock():
+            self._map_all()
+            return not self._nested
 
     @property
     def n(self):
@@ -2817,12 +2824,11 @@ class RaggedMmap(_Sequence):
 
     def shape_of(self, i):
         """The shape of sample i, without touching its data."""
-        i = self._position(i)
-        if i >= self._mapped or self._checked[i >> 9] is False:
-            with self._lock():
-                self._map_sample(i)
-                self._check_page(i >> 9)  # (offsets a read would refuse give no shape either)
-        return self._recorded_shape(i)
+        with self._lock():  # (another thread's append remaps: the maps are placeholders meanwhile)
+            i = self._position(i)
+            self._map_sample(i)
+            self._check_page(i >> 9)  # (offsets a read would refuse give no shape either)
+            return self._recorded_shape(i)
 
     def _recorded_shape(self, i):
         """Sample i's shape as its shapes record it (mapped; unchecked: see _damaged)."""
@@ -2834,8 +2840,9 @@ class RaggedMmap(_Sequence):
     @property
     def dtype(self):
         """The store's dtype (None for a store that holds nothing yet)."""
-        self._ensure_mapped(0)
-        return self._dtype
+        with self._lock():
+            self._ensure_mapped(0)
+            return self._dtype
 
     def get_padded(self, indices, pad_value=0):
         """Samples ``indices`` as one array padded to the largest shape, plus their true shapes.

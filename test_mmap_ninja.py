@@ -1242,6 +1242,30 @@ def test_a_cold_read_that_a_remap_overtakes_gets_a_sample_of_one_store(kind, mon
     assert len(store) == 21 and store._source is store._io.slices is not None
 
 
+@pytest.mark.parametrize("attribute", ["starts", "ends", "flattened_shapes", "shapes", "memmap", "shape_of",
+                                       "dtype", "shapes_are_flat"])
+def test_the_drop_in_attributes_wait_for_another_threads_remap(attribute, tmp_path):
+    # (read lock-free, they met the placeholder maps of an append's remap: shape_of raised
+    # TypeError, starts came back empty and stayed cached, ends - starts did not broadcast)
+    samples = [np.arange(k % 5 + 1) for k in range(20)]
+    store = RaggedMmap.from_lists(tmp_path / "r", samples)
+    read = (lambda: store.shape_of(3)) if attribute == "shape_of" else (lambda: getattr(store, attribute))
+    expected = read()
+    got = []
+    with store._lock():  # (another thread's append, about to remap)
+        thread = threading.Thread(target=lambda: got.append(read()))
+        thread.start()
+        thread.join(0.2)
+        assert not got
+    thread.join(5)
+    assert len(got) == 1 and type(got[0]) is type(expected)
+    if isinstance(expected, np.ndarray):
+        assert got[0].dtype == expected.dtype and got[0].tolist() == expected.tolist()
+    else:
+        assert got[0] == expected
+    assert store.flattened_shapes.tolist() == [k % 5 + 1 for k in range(20)]
+
+
 def test_the_cold_verdict_is_set_under_the_store_mutex(tmp_path):
     # (set halfway through another thread's remap, it installed a map being dropped: every
     # read then recursed until the next remap)
