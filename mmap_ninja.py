@@ -758,7 +758,8 @@ class _Lock:
     """flock on a store's directory: one writer at a time, across processes and objects. The
     directory stays open between uses (a writer appends many times); close() lets it go. A
     forked child never uses (nor unlocks) the descriptor it inherited, which shares its lock
-    with the parent: it opens its own."""
+    with the parent: the fork closes the child's copy (kept, it would hold the parent's lock
+    for as long as the child lives, after the parent died), and the child opens its own."""
 
     def __init__(self, store_dir):
         self.store_dir, self.fd, self.pid, self.held = store_dir, None, os.getpid(), False
@@ -767,9 +768,10 @@ class _Lock:
         if fcntl is None:  # pragma: no cover - Windows: writers are not locked
             return self
         if self.pid != os.getpid():
-            self.fd, self.held, self.pid = None, False, os.getpid()  # (the parent's to close)
+            self.fd, self.held, self.pid = None, False, os.getpid()  # (closed by the fork: _LOCK_FDS)
         if self.fd is None:
             self.fd = os.open(self.store_dir, os.O_RDONLY | _O_CLOEXEC)
+            _LOCK_FDS.add(self.fd)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             self.held = True
@@ -792,8 +794,12 @@ class _Lock:
         if self.pid == os.getpid():
             self.__exit__()
             if self.fd is not None:
+                _LOCK_FDS.discard(self.fd)
                 os.close(self.fd)
         self.fd = None
+
+
+_LOCK_FDS = set()  # the descriptors _Locks hold open (a forked child closes its copies)
 
 
 @contextlib.contextmanager
@@ -1407,10 +1413,11 @@ def _advise_aside(ref, fd):
 def _after_fork_in_child():
     global _ASIDE_LOCK
     _ASIDE_LOCK = threading.RLock()  # (a thread of the parent may have held it)
-    for fd in _ASIDE_FDS:
+    for fd in _ASIDE_FDS | _LOCK_FDS:  # (closing a copy never unlocks the parent's flock)
         with contextlib.suppress(OSError):
             os.close(fd)
     _ASIDE_FDS.clear()
+    _LOCK_FDS.clear()
 
 
 if hasattr(os, "register_at_fork"):

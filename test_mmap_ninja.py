@@ -1266,6 +1266,34 @@ def test_the_drop_in_attributes_wait_for_another_threads_remap(attribute, tmp_pa
     assert store.flattened_shapes.tolist() == [k % 5 + 1 for k in range(20)]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="fork, /proc")
+def test_a_forked_child_does_not_keep_its_parents_store_lock(tmp_path):
+    # (it kept the descriptor its parent's flock is on: a parent killed while appending left the
+    # store locked for as long as the child lived, a DataLoader worker say)
+    d = tmp_path / "r"
+    store = RaggedMmap.from_lists(d, [np.arange(3)])
+    with store._writing(create=False):  # (the parent appending, in another thread)
+        def target(fd):
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # (listdir's own)
+                return None
+        held = [fd for fd in os.listdir("/proc/self/fd") if target(fd) == str(d)]
+        assert len(held) == 1
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = 2 if os.path.exists(f"/proc/self/fd/{held[0]}") else 0
+                if status == 0:
+                    store.append(np.arange(2))  # (its own lock, once the parent's is let go)
+            finally:
+                os._exit(status)
+        time.sleep(0.2)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert [x.tolist() for x in RaggedMmap(d)] == [[0, 1, 2], [0, 1]]
+
+
 def test_the_cold_verdict_is_set_under_the_store_mutex(tmp_path):
     # (set halfway through another thread's remap, it installed a map being dropped: every
     # read then recursed until the next remap)
