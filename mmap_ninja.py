@@ -235,7 +235,8 @@ def _from_one_directory(path, load, undo):
 
 
 def _load_from_one_directory(path, load, undo):
-    for _ in range(100):
+    swaps, free, deadline = 0, 0, None
+    while swaps < 100:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
         except OSError:  # missing, a file, ...: load says what is wrong
@@ -246,7 +247,15 @@ def _load_from_one_directory(path, load, undo):
                 result = load()
             except (OSError, ValueError):  # (files of two stores can look damaged together)
                 if _names(path, held):
-                    raise
+                    # damaged, or in flux under a writer of another thread or process (a flat
+                    # store converting to nested shapes, a swap entry by entry): read again
+                    # while it works, and once after it lets go (10 s at most)
+                    busy = _locked_by_another(fd, held)
+                    free += busy is False
+                    deadline = deadline or time.monotonic() + 10
+                    if busy is None or free > 1 or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005 if busy else 0)
                 undo()
                 continue
             if _names(path, held):
@@ -254,8 +263,24 @@ def _load_from_one_directory(path, load, undo):
             undo()
         finally:
             os.close(fd)
+        swaps += 1
     raise RuntimeError(f"{path}: the store was re-created 100 times while this process opened "
                        f"it; open it again once its writer is done")
+
+
+def _locked_by_another(fd, held):
+    """Whether a writer other than this thread holds the lock of the store directory open as fd
+    (held: its stat); None when that cannot be told (no flock here)."""
+    if fcntl is None or _LOCKED.get((held.st_dev, held.st_ino)) == threading.get_ident():
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # (a file system without locks)
+        return None
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def _absolute(path):
@@ -775,6 +800,9 @@ class _Lock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             self.held = True
+            info = os.fstat(self.fd)
+            self.key = info.st_dev, info.st_ino
+            _LOCKED[self.key] = threading.get_ident()
         except OSError as e:  # a file system without locks (some NFS setups)
             warnings.warn(f"{self.store_dir}: cannot lock the store ({e.strerror}); writing without "
                           f"a lock, so do not let two processes write to it at once", RuntimeWarning, 2)
@@ -783,6 +811,7 @@ class _Lock:
     def __exit__(self, *exc):
         if self.held:
             self.held = False
+            _LOCKED.pop(self.key, None)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def current(self):
@@ -800,6 +829,7 @@ class _Lock:
 
 
 _LOCK_FDS = set()  # the descriptors _Locks hold open (a forked child closes its copies)
+_LOCKED = {}  # (device, inode) of each store directory this process holds locked: the thread
 
 
 @contextlib.contextmanager
@@ -1418,6 +1448,7 @@ def _after_fork_in_child():
             os.close(fd)
     _ASIDE_FDS.clear()
     _LOCK_FDS.clear()
+    _LOCKED.clear()
 
 
 if hasattr(os, "register_at_fork"):

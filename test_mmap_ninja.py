@@ -1294,6 +1294,37 @@ def test_a_forked_child_does_not_keep_its_parents_store_lock(tmp_path):
     assert [x.tolist() for x in RaggedMmap(d)] == [[0, 1, 2], [0, 1]]
 
 
+@pytest.mark.skipif(mmap_ninja.fcntl is None, reason="flock")
+def test_an_open_waits_out_a_writer_whose_store_is_in_flux(tmp_path):
+    # (a reader opening while another process converted the store's shapes to nested ones, or
+    # swapped a new store in entry by entry, was told the store is damaged)
+    d = tmp_path / "r"
+    RaggedMmap.from_lists(d, [np.arange(3), np.arange(2)])
+    in_flux, locked = threading.Event(), threading.Event()
+
+    def converting():  # (another process's writer: its lock, and shapes/ moved aside meanwhile)
+        with mmap_ninja._Lock(str(d)):
+            os.rename(d / "shapes", d / "shapes.old")
+            locked.set()
+            in_flux.wait(5)
+            time.sleep(0.2)
+            os.rename(d / "shapes.old", d / "shapes")
+    writer = threading.Thread(target=converting)
+    writer.start()
+    locked.wait(5)
+    in_flux.set()
+    try:
+        assert [x.tolist() for x in RaggedMmap(d)] == [[0, 1, 2], [0, 1]]
+    finally:
+        writer.join(5)
+    # damage that no writer is at work on is refused at once, as before
+    os.rename(d / "shapes", d / "shapes.old")
+    started = time.monotonic()
+    with pytest.raises((OSError, ValueError), match=str(d)):
+        RaggedMmap(d)[0]
+    assert time.monotonic() - started < 2
+
+
 def test_the_cold_verdict_is_set_under_the_store_mutex(tmp_path):
     # (set halfway through another thread's remap, it installed a map being dropped: every
     # read then recursed until the next remap)
