@@ -447,6 +447,8 @@ def _parse_dtype(text, path="dtype.ninja"):
 
 
 def _read_kind(store_dir):
+    if not os.path.lexists(os.path.join(store_dir, "type.ninja")):
+        _check_swap(store_dir)
     kind = _read_text(os.path.join(store_dir, "type.ninja"), "store type", 64)
     if kind not in ("numpy", "ragged", "string"):
         raise ValueError(f"{store_dir}: unknown store type {kind!r} in type.ninja "
@@ -849,8 +851,8 @@ def _creating(out_dir, durable=False):
                                  f"choose another path")
     if os.path.isdir(target) and not os.path.lexists(os.path.join(target, "type.ninja")):
         # (before the build: what is swapped out is deleted, so only leftovers may be; a swap
-        # killed midway leaves the old store aside, in .ninja-new-*, and new data here)
-        swapped = any(name.startswith(".ninja-new-") for name in os.listdir(target))
+        # killed midway leaves the old store aside, in .ninja-old-*, and new data here)
+        swapped = any(name.startswith(_ASIDE) for name in os.listdir(target))
         stray = _stray(target, data_ok=swapped)
         if stray is not None:
             raise _stray_error(shown, stray.replace(target, shown, 1))
@@ -859,6 +861,8 @@ def _creating(out_dir, durable=False):
     inside = os.path.isdir(target) and os.stat(target).st_dev != os.stat(parent).st_dev
     where, prefix = (target, ".ninja-new-") if inside else (parent, f".{os.path.basename(target)}.ninja-new-")
     _remove_dead_builds(where, prefix, target)
+    if os.path.isdir(target):  # (an old store a swap killed midway left aside: replaced now)
+        _remove_dead_builds(target, ".ninja-old-", target)
     build = _unique(os.path.join(where, prefix))
     os.mkdir(build)  # (exclusive; permissions as for any directory the user makes)
     try:
@@ -933,7 +937,7 @@ def _swap_in(build, target, inside):
             if not inside and _exchange(build, target):
                 old = build  # (now holds the old store)
             else:  # entry by entry: type.ninja leaves first and comes back last
-                old = _unique(os.path.join(target, ".ninja-new-"))
+                old = _unique(os.path.join(target, ".ninja-old-"))  # (see _is_store)
                 os.mkdir(old)
                 for name in sorted(os.listdir(target), key=lambda n: n != "type.ninja"):
                     if name.split(".tmp-")[0] in _FORMAT_NAMES:
@@ -946,6 +950,9 @@ def _swap_in(build, target, inside):
         lock.close()
 
 
+_ASIDE = (".ninja-new-", ".ninja-old-")  # a build, and an old store a swap moves aside
+
+
 def _move_foreign(target, build):
     """Move the entries of target that are not the format's (the user's files) into build;
     if one cannot move (a mount point, an immutable file, an interrupt), move back those that
@@ -953,7 +960,7 @@ def _move_foreign(target, build):
     moved, name = [], None
     try:
         for name in os.listdir(target):
-            if name.split(".tmp-")[0] not in _FORMAT_NAMES and not name.startswith(".ninja-new-"):
+            if name.split(".tmp-")[0] not in _FORMAT_NAMES and not name.startswith(_ASIDE):
                 moved.append(name)  # (first: an interrupt may land between the two)
                 os.rename(os.path.join(target, name), os.path.join(build, name))
     except BaseException as e:
@@ -1005,6 +1012,7 @@ def _is_store(path, kind, strays=True):
     if os.path.lexists(os.path.join(path, "type.ninja")):
         return True
     _check_directory(path)
+    _check_swap(path)
     try:
         n = _count(path) if os.path.lexists(os.path.join(path, "starts", "shape.ninja")) else 0
     except (OSError, ValueError):  # (a creation killed while writing it)
@@ -1028,7 +1036,7 @@ def _is_store(path, kind, strays=True):
         held = stray = _stray(path) if strays else None
     if held is None:
         return False
-    old = sorted(name for name in os.listdir(path) if name.startswith(".ninja-new-"))
+    old = sorted(name for name in os.listdir(path) if name.startswith(_ASIDE))
     if old:  # (_swap_in's entry-by-entry swap, killed midway)
         raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: a "
                          f"re-creation was killed while it swapped the new store in; the old "
@@ -1042,6 +1050,19 @@ def _is_store(path, kind, strays=True):
     raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: the "
                      f"store is damaged, or not completely copied (finish the copy); {restore}, "
                      f"or remove the directory to start afresh")
+
+
+def _check_swap(path):
+    """Refuse a directory without type.ninja whose store an entry-by-entry swap (_swap_in)
+    moved aside and was killed before it finished: it holds no store to read as empty."""
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
+        if name.startswith(".ninja-old-") and os.path.lexists(os.path.join(path, name, "type.ninja")):
+            aside = os.path.join(path, name)  # (type.ninja is the swap's first move)
+            raise ValueError(f"{path}: type.ninja is missing and the store's files are in {aside}: a "
+                             f"re-creation was killed while it swapped a new store in entry by entry; "
+                             f"create the store again (from_* at this path replaces it), or restore the "
+                             f"old one: remove the store's files from {path} (not your own), move those "
+                             f"of {aside} back, then remove {aside}")
 
 
 def _stray(path, data_ok=False):

@@ -4774,6 +4774,32 @@ def test_a_regular_store_of_65_axes_is_damage_on_its_fast_path(tmp_path):
             read(RaggedMmap(d))
 
 
+@pytest.mark.parametrize("moved", ["all", "some"])
+def test_a_swap_killed_with_the_old_store_aside_is_not_read_as_empty(moved, tmp_path):
+    # (an entry-by-entry swap, out_dir a mount point: killed once the old store's entries were
+    # aside, the directory read as an empty store, took appends, and hid the old samples)
+    d = tmp_path / "s"
+    RaggedMmap.from_lists(d, [np.arange(3), np.arange(5)])
+    (d / "notes.txt").write_text("mine")
+    aside = d / ".ninja-old-4000000-abcdef"  # (a dead process's)
+    aside.mkdir()
+    for name in ["type.ninja", "data.ninja", "starts", "ends", "shapes", "flattened_shapes", "dtype.ninja",
+                 "shape.ninja", "order.ninja", "shapes_are_flat.ninja"][:None if moved == "all" else 3]:
+        if (d / name).exists():
+            os.rename(d / name, aside / name)
+    before = snapshot(d)
+    message = (f"{d}: type.ninja is missing and the store's files are in {aside}: a re-creation was killed "
+               f"while it swapped a new store in entry by entry; create the store again")
+    for attempt in (lambda: RaggedMmap(d)[0], lambda: len(RaggedMmap(d)), lambda: RaggedMmap(d).append(np.arange(1)),
+                    lambda: mmap_ninja.open_existing(d)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            attempt()
+    assert snapshot(d) == before
+    RaggedMmap.from_lists(d, [np.arange(7)])  # (replaces it, and the old store aside)
+    assert [x.tolist() for x in RaggedMmap(d)] == [list(range(7))] and not aside.exists()
+    assert (d / "notes.txt").read_text() == "mine"
+
+
 def test_a_directory_without_type_ninja_says_what_left_it(tmp_path):
     """Without type.ninja, data means damage; the message tells a killed entry-by-entry swap
     (the old store waits in .ninja-new-*) from a copy in progress, and a data.ninja that is no
@@ -5061,7 +5087,7 @@ def test_strays_and_what_killed_swaps_leave(tmp_path, monkeypatch):
     monkeypatch.setattr(mmap_ninja, "_exchange", lambda a, b: False)
     monkeypatch.setattr(os, "rename", lambda a, b: (moved.append((os.fspath(a), os.fspath(b))), rename(a, b))[1])
     RaggedMmap.from_lists(x, [np.arange(3)])
-    old_store = os.path.join(str(x), ".ninja-new-")  # (where the old store's entries go, inside x)
+    old_store = os.path.join(str(x), ".ninja-old-")  # (where the old store's entries go, inside x)
     out_of_target = [os.path.basename(a) for a, b in moved if os.path.dirname(a) == str(x) and b.startswith(old_store)]
     assert out_of_target[0] == "type.ninja" and len(out_of_target) > 3
     monkeypatch.undo()
