@@ -4034,6 +4034,12 @@ def _shard_names(out_dir, layout, durable=False):
                              f"another directory, or remove that one first")
     else:
         others = [name for name in os.listdir(out_dir) if not name.startswith(".")]
+        for name in [name for name in others if name.startswith("shards.json.tmp-")]:
+            pid = name[len("shards.json.tmp-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):  # (a conversion killed as it recorded its layout)
+                others.remove(name)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(out_dir, name))
         if others:
             raise ValueError(f"{out_dir} is not empty ({_short(sorted(others))}): a conversion "
                              f"writes its shards into a directory of its own")

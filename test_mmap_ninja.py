@@ -3710,6 +3710,21 @@ def test_a_killed_worker_leaves_nothing_read_and_a_rerun_finishes(tmp_path):
     assert sharded_leftovers(out) == []  # what the killed worker left was cleared
 
 
+def test_a_conversion_killed_as_it_records_its_layout_can_be_run_again(tmp_path):
+    out = tmp_path / "out"
+    samples = [np.arange(k % 4) for k in range(12)]
+    killed = run_python(f"""
+        import os, numpy as np, mmap_ninja
+        real = os.replace
+        os.replace = lambda a, b: os._exit(9) if str(b).endswith("shards.json") else real(a, b)
+        mmap_ninja.ShardedMmap.from_indexable({str(out)!r}, [np.arange(k % 4) for k in range(12)], 2,
+                                              executor=mmap_ninja.ThreadPoolExecutor(1))
+    """)
+    assert killed.returncode == 9 and [p.name.startswith("shards.json.tmp-") for p in out.iterdir()] == [True]
+    assert_same_samples(list(ShardedMmap.from_indexable(out, samples, 2)), samples)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-0-of-2", "shard-1-of-2", "shards.json"]
+
+
 def test_a_mismatched_rerun_is_refused(tmp_path):
     samples = [np.arange(k % 3) for k in range(20)]
     ShardedMmap.from_indexable(tmp_path / "out", samples, 2)
