@@ -2943,7 +2943,11 @@ class RaggedMmap(_Sequence):
         first_dtype = arrays[0].dtype  # (an empty store takes its first sample's dtype)
         shapes = list(map(_SHAPE, arrays))
         nested = any(len(shape) > 1 for shape in shapes)
-        with self._writing(first_dtype, nested) as writer:
+        # (a store made here starts with the placeholder dtype, which _prepare replaces once every
+        # sample is checked: a refused first append leaves no dtype that refuses the next one;
+        # a dtype that no store can hold is refused before anything is written)
+        _dtype_to_text(first_dtype, d)
+        with self._writing(np.float64, nested) as writer:
             arrays = self._prepare(writer, arrays, dtypes, first_dtype, nested)
             sizes = None if writer.nested is not None else list(map(_SIZE, arrays))  # (nested: from shapes)
             self._appended(writer.append(arrays, sizes, shapes))

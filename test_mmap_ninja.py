@@ -959,7 +959,7 @@ def test_a_failed_first_append_writes_nothing(tmp_path):
         RaggedMmap(d).append(np.zeros(2, ALIGNED))
     with pytest.raises(TypeError, match="has size 0"):
         RaggedMmap(d).append(np.zeros(2, np.dtype([])))
-    assert os.listdir(d) == [] and len(RaggedMmap(d)) == 0
+    assert not d.exists() and len(RaggedMmap(d)) == 0
     RaggedMmap(d).append(np.arange(2))
     assert_same_samples(RaggedMmap(d), [np.arange(2)])
 
@@ -3723,6 +3723,21 @@ def test_a_conversion_killed_as_it_records_its_layout_can_be_run_again(tmp_path)
     assert killed.returncode == 9 and [p.name.startswith("shards.json.tmp-") for p in out.iterdir()] == [True]
     assert_same_samples(list(ShardedMmap.from_indexable(out, samples, 2)), samples)
     assert sorted(p.name for p in out.iterdir()) == ["shard-0-of-2", "shard-1-of-2", "shards.json"]
+
+
+@pytest.mark.parametrize("first", [np.array(["ab", "cd"]), np.arange(3, dtype=">i4"),
+                                   np.zeros(2, [("a", "<i2"), ("b", "<f4")])])
+def test_a_refused_first_append_leaves_no_dtype_behind(first, tmp_path):
+    # (the store was made with the first sample's dtype before the others were checked: a <U2
+    # store then refused every int32 append)
+    d = tmp_path / "s"
+    d.mkdir()
+    with pytest.raises(TypeError, match=f"{d}: cannot store .*dtype float64 in a store of dtype"):
+        RaggedMmap(d).extend([first, np.array([1.5, 2.5])])
+    assert len(RaggedMmap(d)) == 0
+    RaggedMmap(d).extend([np.arange(3, dtype=np.int32)])
+    store = RaggedMmap(d)
+    assert store.dtype == np.int32 and store[0].tolist() == [0, 1, 2] and mmap_ninja._verify(str(d)) == []
 
 
 def test_a_mismatched_rerun_is_refused(tmp_path):
