@@ -811,6 +811,8 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
+        if self.pid != os.getpid():  # (a forked child: the descriptor was the parent's, and is closed)
+            self.fd, self.held = None, False
         if self.held:
             self.held = False
             _LOCKED.pop(self.key, None)
@@ -819,7 +821,7 @@ class _Lock:
     def current(self):
         """Whether the directory locked is still the one at store_dir (a store re-created by
         from_* is swapped in as a new directory)."""
-        return self.fd is None or _names(self.store_dir, os.fstat(self.fd))
+        return self.fd is None or self.pid != os.getpid() or _names(self.store_dir, os.fstat(self.fd))
 
     def close(self):
         if self.pid == os.getpid():
@@ -1054,15 +1056,30 @@ def _is_store(path, kind, strays=True):
 
 def _check_swap(path):
     """Refuse a directory without type.ninja whose store an entry-by-entry swap (_swap_in)
-    moved aside and was killed before it finished: it holds no store to read as empty."""
+    moved aside and was killed before it finished: it holds no store to read as empty (before
+    this version the swap moved it into .ninja-new-*, as builds inside a mount point are
+    named). A swap still running is waited for (10 s at most)."""
+    deadline = time.monotonic() + 10
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
-        if name.startswith(".ninja-old-") and os.path.lexists(os.path.join(path, name, "type.ninja")):
-            aside = os.path.join(path, name)  # (type.ninja is the swap's first move)
-            raise ValueError(f"{path}: type.ninja is missing and the store's files are in {aside}: a "
-                             f"re-creation was killed while it swapped a new store in entry by entry; "
-                             f"create the store again (from_* at this path replaces it), or restore the "
-                             f"old one: remove the store's files from {path} (not your own), move those "
-                             f"of {aside} back, then remove {aside}")
+        aside = os.path.join(path, name)  # (type.ninja is the swap's first move)
+        if not (name.startswith(_ASIDE) and os.path.lexists(os.path.join(aside, "type.ninja"))):
+            continue
+        pid = name[len(".ninja-old-"):].split("-")[0]  # (both prefixes are as long)
+        if pid.isdigit() and _alive(int(pid)):
+            if name.startswith(".ninja-new-"):
+                continue  # (a build at work)
+            while time.monotonic() < deadline and os.path.lexists(aside) and \
+                    not os.path.lexists(os.path.join(path, "type.ninja")):
+                time.sleep(0.005)
+            if os.path.lexists(os.path.join(path, "type.ninja")) or not os.path.lexists(aside):
+                return
+            raise ValueError(f"{path}: process {pid} is swapping a new store in entry by entry (its "
+                             f"old store is in {aside}); open it again once it is done")
+        raise ValueError(f"{path}: type.ninja is missing and the store's files are in {aside}: a "
+                         f"re-creation was killed while it swapped a new store in entry by entry; "
+                         f"create the store again (from_* at this path replaces it), or restore the "
+                         f"old one: remove the store's files from {path} (not your own), move those "
+                         f"of {aside} back, then remove {aside}")
 
 
 def _stray(path, data_ok=False):
@@ -1274,15 +1291,19 @@ class _ReadAhead:
         """Probe one byte offset and update the verdict (one miss: cold; HOT_AFTER hits in a
         row: hot); returns whether it was resident. (Called from the hot path too, lock-free:
         a new verdict is set under the store's mutex, so that it never installs a mapping that
-        a remap is replacing.)"""
+        a remap is replacing; never waiting for it, so that a read never waits for a writer.)"""
         resident = self.resident(offset)
         self.streak = self.streak + 1 if resident else 0
         cold = not resident or (self.cold and self.streak < self.HOT_AFTER)
         store = self.store()
         if self.forced is None and cold != self.cold and store is not None:
-            with store._lock():
-                if self.forced is None and cold != self.cold:
-                    self.set(cold)
+            mutex = store._lock()
+            if mutex.acquire(blocking=False):  # (busy: a writer; a later probe sets it)
+                try:
+                    if self.forced is None and cold != self.cold:
+                        self.set(cold)
+                finally:
+                    mutex.release()
         return resident
 
     def set(self, cold):
@@ -2885,8 +2906,9 @@ class RaggedMmap(_Sequence):
         """The shape of sample i, without touching its data."""
         with self._lock():  # (another thread's append remaps: the maps are placeholders meanwhile)
             i = self._position(i)
-            self._map_sample(i)
-            self._check_page(i >> 9)  # (offsets a read would refuse give no shape either)
+            if i >= self._mapped or self._checked[i >> 9] is False:
+                self._map_sample(i)
+                self._check_page(i >> 9)  # (offsets a read would refuse give no shape either)
             return self._recorded_shape(i)
 
     def _recorded_shape(self, i):

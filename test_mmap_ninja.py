@@ -1325,6 +1325,76 @@ def test_an_open_waits_out_a_writer_whose_store_is_in_flux(tmp_path):
     assert time.monotonic() - started < 2
 
 
+def test_a_cold_read_never_waits_for_a_writer_to_set_its_verdict(tmp_path, monkeypatch):
+    # (seen() set a new verdict under the mutex, which an append holds while it waits for
+    # another process's lock: a read then took seconds)
+    store = RaggedMmap.from_lists(tmp_path / "r", [np.arange(3)] * 4)
+    assert store[0].tolist() == [0, 1, 2]
+    monkeypatch.setattr(store._io, "resident", lambda offset: False)  # (a probe finds it cold)
+    busy, done = threading.Event(), threading.Event()
+
+    def writer():
+        with store._lock():
+            busy.set()
+            done.wait(5)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    busy.wait(5)
+    try:
+        started = time.monotonic()
+        assert store._io.seen(0) is False and not store._io.cold  # (set by a later probe)
+        assert time.monotonic() - started < 1
+    finally:
+        done.set()
+        thread.join(5)
+    assert store._io.seen(0) is False and store._io.cold and store._source is store._io.slices
+
+
+@pytest.mark.skipif(mmap_ninja.fcntl is None or not hasattr(os, "fork"), reason="flock, fork")
+def test_a_forked_child_leaving_its_parents_lock_unlocks_nothing(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        RaggedMmap.from_lists(d, [np.arange(2)])
+    parents = mmap_ninja._Lock(str(a))
+    with parents:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                own = mmap_ninja._Lock(str(b))
+                with own:  # (may reuse the number of the parent's closed descriptor)
+                    parents.__exit__()
+                    parents.close()
+                    probe = os.open(b, os.O_RDONLY)
+                    try:
+                        mmap_ninja.fcntl.flock(probe, mmap_ninja.fcntl.LOCK_EX | mmap_ninja.fcntl.LOCK_NB)
+                        status = 2  # (own's lock was let go)
+                    except BlockingIOError:
+                        status = 0
+            finally:
+                os._exit(status)
+        assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_open_existing_waits_out_a_swap_at_work(tmp_path):
+    d = tmp_path / "s"
+    RaggedMmap.from_lists(d, [np.arange(3)])
+    aside = d / f".ninja-old-{os.getpid()}-abc"  # (a live process's swap: this one's)
+    aside.mkdir()
+    os.rename(d / "type.ninja", aside / "type.ninja")
+
+    def finish():
+        time.sleep(0.2)
+        os.rename(aside / "type.ninja", d / "type.ninja")
+        aside.rmdir()
+    thread = threading.Thread(target=finish)
+    thread.start()
+    try:
+        assert [x.tolist() for x in mmap_ninja.open_existing(d)] == [[0, 1, 2]]
+    finally:
+        thread.join(5)
+
+
 def test_the_cold_verdict_is_set_under_the_store_mutex(tmp_path):
     # (set halfway through another thread's remap, it installed a map being dropped: every
     # read then recursed until the next remap)
@@ -4832,18 +4902,17 @@ def test_a_swap_killed_with_the_old_store_aside_is_not_read_as_empty(moved, tmp_
 
 def test_a_directory_without_type_ninja_says_what_left_it(tmp_path):
     """Without type.ninja, data means damage; the message tells a killed entry-by-entry swap
-    (the old store waits in .ninja-new-*) from a copy in progress, and a data.ninja that is no
-    regular file is refused rather than cleared."""
+    (the old store waits in .ninja-old-*, .ninja-new-* before) from a copy in progress, and a
+    data.ninja that is no regular file is refused rather than cleared."""
     d = tmp_path / "s"
     RaggedMmap.from_lists(d, [np.arange(5)])
-    old = d / ".ninja-new-123-abc"
+    old = d / ".ninja-new-4000000-abc"  # (a dead process's)
     old.mkdir()
     for name in ("starts", "ends", "type.ninja"):
         os.rename(d / name, old / name)
-    with pytest.raises(ValueError, match=f"{d}: type.ninja is missing, but the directory holds 40 bytes of data in "
-                                         f"data.ninja: a re-creation was killed while it swapped the new store in; "
-                                         f"the old store is in {old}: move its files back"):
-        RaggedMmap(d)
+    with pytest.raises(ValueError, match=f"{d}: type.ninja is missing and the store's files are in {old}: a "
+                                         f"re-creation was killed while it swapped a new store in entry by entry"):
+        RaggedMmap(d)  # (as the previous version's swap left it: its old store in .ninja-new-*)
     e = tmp_path / "e"
     e.mkdir()
     (e / "data.ninja").mkdir()
