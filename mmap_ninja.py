@@ -860,7 +860,9 @@ def _creating(out_dir, durable=False):
             raise _stray_error(shown, stray.replace(target, shown, 1))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    inside = os.path.isdir(target) and os.stat(target).st_dev != os.stat(parent).st_dev
+    # (built inside out_dir when it is a mount point, or when only out_dir is writable)
+    inside = os.path.isdir(target) and (os.stat(target).st_dev != os.stat(parent).st_dev or not os.access(
+        parent, os.W_OK | os.X_OK) and os.access(target, os.W_OK | os.X_OK))
     where, prefix = (target, ".ninja-new-") if inside else (parent, f".{os.path.basename(target)}.ninja-new-")
     _remove_dead_builds(where, prefix, target)
     if os.path.isdir(target):  # (an old store a swap killed midway left aside: replaced now)
@@ -1552,6 +1554,23 @@ class _NinjaMemmap(np.memmap):
     hundred bytes, reopened on load); its slices and views pickle as ordinary arrays."""
 
     _ninja_dir = None  # set only on the array np_open_existing returns, not on its views
+
+    # np.memmap turns what is no longer its map (a copy, a ufunc's result, a reduction) into a
+    # plain array or a numpy scalar, but only for np.memmap itself: the same for this subclass,
+    # so that m.sum() is a numpy scalar (hashable) and m[[0, 2]] an ndarray, as in the published package
+    def __array_wrap__(self, arr, context=None, return_scalar=None):
+        arr = super().__array_wrap__(arr, context)
+        if self is arr:  # (a ufunc's output given as this map)
+            return arr
+        if arr.shape == () if return_scalar is None else return_scalar:  # (numpy < 2 passes none)
+            return arr[()]
+        return arr.view(np.ndarray)
+
+    def __getitem__(self, index):  # (np.memmap's own, for this subclass)
+        res = np.ndarray.__getitem__(self, index)
+        if type(res) is _NinjaMemmap and res._mmap is None:
+            return res.view(np.ndarray)
+        return res
 
     def __reduce__(self):
         if self._ninja_dir is None:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -3816,6 +3817,55 @@ def test_a_refused_first_append_leaves_no_dtype_behind(first, tmp_path):
     RaggedMmap(d).extend([np.arange(3, dtype=np.int32)])
     store = RaggedMmap(d)
     assert store.dtype == np.int32 and store[0].tolist() == [0, 1, 2] and mmap_ninja._verify(str(d)) == []
+
+
+def test_what_a_numpy_store_computes_is_a_plain_array_or_a_numpy_scalar(tmp_path):
+    # (as np.memmap gives, and the published package: the subclass kept 0-d maps, unhashable)
+    m = np_ninja.from_ndarray(tmp_path / "n", np.arange(12).reshape(4, 3))
+    for value, expected in [(m.sum(), 66), (m.max(), 11), (np.sum(m), 66), (m[1].sum(), 12), (m[1, 2], 5)]:
+        assert type(value) is np.int64 and value == expected
+    assert type(m.mean()) is np.float64 and {m.max(): "k"} == {11: "k"}
+    for value in (m * 2, m[[0, 2]], np.sqrt(m), m[m > 5]):
+        assert type(value) is np.ndarray
+    assert (m * 2).tolist()[1] == [6, 8, 10] and m[[0, 2]].tolist() == [[0, 1, 2], [6, 7, 8]]
+    for view in (m[1], m[1:3], m.T):  # (still views of the map)
+        assert isinstance(view, np.memmap) and np.shares_memory(view, m)
+    w = np_ninja.open_existing(tmp_path / "n", mode="r+")
+    assert np.add(w, 1, out=w) is w and np_ninja.open_existing(tmp_path / "n")[3].tolist() == [10, 11, 12]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "geteuid"), reason="POSIX permissions, fork")
+def test_a_store_is_made_in_a_writable_directory_whose_parent_is_not(tmp_path):
+    # (a store is built beside out_dir: where only out_dir is writable, it is built inside it)
+    base = pathlib.Path(tempfile.mkdtemp(dir=tmp_path.parent if os.geteuid() else "/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        outs = [base / "shared" / name for name in ("r", "s", "n")]
+        for out in outs:
+            out.mkdir(parents=True)
+            os.chmod(out, 0o777)
+        os.chmod(base / "shared", 0o555)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)  # (root writes anywhere: a user who may not write the parent)
+                RaggedMmap.from_lists(outs[0], [np.arange(3)])
+                StringsMmap.from_strings(outs[1], ["a"])
+                np_ninja.from_ndarray(outs[2], np.arange(3))
+                RaggedMmap.from_lists(outs[0], [np.arange(4)])  # (and replaced there)
+                status = 0
+            finally:
+                os._exit(status)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert [x.tolist() for x in RaggedMmap(outs[0])] == [[0, 1, 2, 3]] and list(StringsMmap(outs[1])) == ["a"]
+        assert np_ninja.open_existing(outs[2]).tolist() == [0, 1, 2]
+        assert sorted(os.listdir(base / "shared")) == ["n", "r", "s"] and hidden_leftovers(outs[0]) == []
+    finally:
+        os.chmod(base / "shared", 0o755)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_mismatched_rerun_is_refused(tmp_path):
