@@ -799,11 +799,11 @@ class _Lock:
         if self.fd is None:
             self.fd = os.open(self.store_dir, os.O_RDONLY | _O_CLOEXEC)
             _LOCK_FDS.add(self.fd)
+            info = os.fstat(self.fd)
+            self.key = info.st_dev, info.st_ino
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             self.held = True
-            info = os.fstat(self.fd)
-            self.key = info.st_dev, info.st_ino
             _LOCKED[self.key] = threading.get_ident()
         except OSError as e:  # a file system without locks (some NFS setups)
             warnings.warn(f"{self.store_dir}: cannot lock the store ({e.strerror}); writing without "
@@ -2987,7 +2987,8 @@ class RaggedMmap(_Sequence):
         # (a store made here starts with the placeholder dtype, which _prepare replaces once every
         # sample is checked: a refused first append leaves no dtype that refuses the next one;
         # a dtype that no store can hold is refused before anything is written)
-        _dtype_to_text(first_dtype, d)
+        if first_dtype != self._dtype:  # (the store's own dtype passed this check)
+            _dtype_to_text(first_dtype, d)
         with self._writing(np.float64, nested) as writer:
             arrays = self._prepare(writer, arrays, dtypes, first_dtype, nested)
             sizes = None if writer.nested is not None else list(map(_SIZE, arrays))  # (nested: from shapes)
