@@ -854,7 +854,7 @@ def _creating(out_dir, durable=False):
     if os.path.isdir(target) and not os.path.lexists(os.path.join(target, "type.ninja")):
         # (before the build: what is swapped out is deleted, so only leftovers may be; a swap
         # killed midway leaves the old store aside, in .ninja-old-*, and new data here)
-        swapped = any(name.startswith(_ASIDE) for name in os.listdir(target))
+        swapped = any(_pid_of(name) is not None for name in os.listdir(target))
         stray = _stray(target, data_ok=swapped)
         if stray is not None:
             raise _stray_error(shown, stray.replace(target, shown, 1))
@@ -902,8 +902,9 @@ def _remove_dead_builds(where, prefix, target):
     build that still holds one (its name taken in target meanwhile) is kept."""
     with contextlib.suppress(OSError):
         for name in os.listdir(where):
-            if name.startswith(prefix) and name[len(prefix):].split("-")[0].isdigit():
-                pid = int(name[len(prefix):].split("-")[0])
+            number, _, rest = name[len(prefix):].partition("-")  # (as _unique names them)
+            if name.startswith(prefix) and number.isascii() and number.isdecimal() and rest:
+                pid = int(number)
                 build, kept = os.path.join(where, name), False
                 if not _alive(pid) and stat.S_ISDIR(os.lstat(build).st_mode):  # (never through a link)
                     for entry in os.listdir(build):
@@ -957,6 +958,13 @@ def _swap_in(build, target, inside):
 _ASIDE = (".ninja-new-", ".ninja-old-")  # a build, and an old store a swap moves aside
 
 
+def _pid_of(name):
+    """The process id in the name of a build or an old store a swap moved aside inside a store
+    directory (as _unique names them: .ninja-new-<pid>-<hex>), else None: a user's own entry."""
+    pid, _, rest = name[len(".ninja-new-"):].partition("-") if name.startswith(_ASIDE) else ("", "", "")
+    return int(pid) if pid.isascii() and pid.isdecimal() and rest else None
+
+
 def _move_foreign(target, build):
     """Move the entries of target that are not the format's (the user's files) into build;
     if one cannot move (a mount point, an immutable file, an interrupt), move back those that
@@ -964,7 +972,7 @@ def _move_foreign(target, build):
     moved, name = [], None
     try:
         for name in os.listdir(target):
-            if name.split(".tmp-")[0] not in _FORMAT_NAMES and not name.startswith(_ASIDE):
+            if name.split(".tmp-")[0] not in _FORMAT_NAMES and _pid_of(name) is None:
                 moved.append(name)  # (first: an interrupt may land between the two)
                 os.rename(os.path.join(target, name), os.path.join(build, name))
     except BaseException as e:
@@ -1040,7 +1048,7 @@ def _is_store(path, kind, strays=True):
         held = stray = _stray(path) if strays else None
     if held is None:
         return False
-    old = sorted(name for name in os.listdir(path) if name.startswith(_ASIDE))
+    old = sorted(name for name in os.listdir(path) if _pid_of(name) is not None)
     if old:  # (_swap_in's entry-by-entry swap, killed midway)
         raise ValueError(f"{path}: type.ninja is missing, but the directory holds {held}: a "
                          f"re-creation was killed while it swapped the new store in; the old "
@@ -1058,30 +1066,34 @@ def _is_store(path, kind, strays=True):
 
 def _check_swap(path):
     """Refuse a directory without type.ninja whose store an entry-by-entry swap (_swap_in)
-    moved aside and was killed before it finished: it holds no store to read as empty (before
-    this version the swap moved it into .ninja-new-*, as builds inside a mount point are
-    named). A swap still running is waited for (10 s at most)."""
-    deadline = time.monotonic() + 10
+    moved aside into .ninja-old-*: killed before it finished, it holds no store to read as
+    empty; still at work (its process holds the lock), it is read again once done (see
+    _load_from_one_directory)."""
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
         aside = os.path.join(path, name)  # (type.ninja is the swap's first move)
-        if not (name.startswith(_ASIDE) and os.path.lexists(os.path.join(aside, "type.ninja"))):
+        if not (name.startswith(".ninja-old-") and _pid_of(name) is not None
+                and os.path.lexists(os.path.join(aside, "type.ninja"))):
             continue
-        pid = name[len(".ninja-old-"):].split("-")[0]  # (both prefixes are as long)
-        if pid.isdigit() and _alive(int(pid)):
-            if name.startswith(".ninja-new-"):
-                continue  # (a build at work)
-            while time.monotonic() < deadline and os.path.lexists(aside) and \
-                    not os.path.lexists(os.path.join(path, "type.ninja")):
-                time.sleep(0.005)
-            if os.path.lexists(os.path.join(path, "type.ninja")) or not os.path.lexists(aside):
-                return
-            raise ValueError(f"{path}: process {pid} is swapping a new store in entry by entry (its "
-                             f"old store is in {aside}); open it again once it is done")
+        if _alive(_pid_of(name)) and _locked_dir(path):
+            raise ValueError(f"{path}: process {_pid_of(name)} is swapping a new store in entry by "
+                             f"entry (its old store is in {aside}); open it again once it is done")
         raise ValueError(f"{path}: type.ninja is missing and the store's files are in {aside}: a "
                          f"re-creation was killed while it swapped a new store in entry by entry; "
                          f"create the store again (from_* at this path replaces it), or restore the "
                          f"old one: remove the store's files from {path} (not your own), move those "
                          f"of {aside} back, then remove {aside}")
+
+
+def _locked_dir(path):
+    """Whether another thread or process holds the writer lock of the directory at path."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return bool(_locked_by_another(fd, os.fstat(fd)))
+    finally:
+        os.close(fd)
 
 
 def _stray(path, data_ok=False):
@@ -3835,7 +3847,7 @@ def open_existing(out_dir, wrapper_fn=None, mode=None):
     ragged stores open read-only and strings stores "r+b", as in the published package."""
     out_dir = os.fspath(out_dir)
     _check_directory(out_dir)
-    kind = _read_kind(out_dir)
+    kind = _from_one_directory(out_dir, lambda: _read_kind(out_dir), lambda: None)  # (a swap at work: waited)
     if mode is not None and mode not in ("r", "rb", "r+", "r+b", "c"):
         raise ValueError(f"{out_dir}: mode must be 'r', 'r+' or 'c' (or 'rb', 'r+b'), got {mode!r}")
     array_mode = "r" if mode is None else mode.replace("b", "")

@@ -1392,12 +1392,17 @@ def test_open_existing_waits_out_a_swap_at_work(tmp_path):
     aside.mkdir()
     os.rename(d / "type.ninja", aside / "type.ninja")
 
-    def finish():
-        time.sleep(0.2)
-        os.rename(aside / "type.ninja", d / "type.ninja")
-        aside.rmdir()
+    locked = threading.Event()
+
+    def finish():  # (a swap holds the store's lock)
+        with mmap_ninja._Lock(str(d)):
+            locked.set()
+            time.sleep(0.2)
+            os.rename(aside / "type.ninja", d / "type.ninja")
+            aside.rmdir()
     thread = threading.Thread(target=finish)
     thread.start()
+    locked.wait(5)
     try:
         assert [x.tolist() for x in mmap_ninja.open_existing(d)] == [[0, 1, 2]]
     finally:
@@ -4958,6 +4963,37 @@ def test_a_swap_killed_with_the_old_store_aside_is_not_read_as_empty(moved, tmp_
     assert (d / "notes.txt").read_text() == "mine"
 
 
+def test_names_like_a_swaps_that_are_not_its_own(tmp_path):
+    # a user's entries named like ours are kept by a re-creation (the swap's own carry a pid and
+    # a suffix); one with a pid that is no number is not ours either
+    d = tmp_path / "s"
+    np_ninja.from_ndarray(d, np.arange(3))
+    for name in (".ninja-old-backup", ".ninja-old-²-x", ".ninja-new-"):
+        (d / name).mkdir()
+        (d / name / "mine.txt").write_text(name)
+    np_ninja.from_ndarray(d, np.arange(4))
+    assert np_ninja.open_existing(d).tolist() == [0, 1, 2, 3]
+    for name in (".ninja-old-backup", ".ninja-old-²-x", ".ninja-new-"):
+        assert (d / name / "mine.txt").read_text() == name
+    # an old store aside whose process is alive but holds no lock (pid 1) was killed: refused at
+    # once, not waited for; a dead process's build inside out_dir is no old store: read as empty
+    e = tmp_path / "e"
+    np_ninja.from_ndarray(e, np.arange(2))
+    (e / ".ninja-old-1-x").mkdir()
+    os.rename(e / "type.ninja", e / ".ninja-old-1-x" / "type.ninja")
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=re.escape(f"{e}: type.ninja is missing and the store's files are in "
+                                                   f"{e / '.ninja-old-1-x'}: a re-creation was killed")):
+        np_ninja.open_existing(e)
+    with pytest.raises(ValueError, match="a re-creation was killed"):
+        mmap_ninja.open_existing(e)
+    assert time.monotonic() - started < 5
+    f = tmp_path / "f"
+    f.mkdir()
+    RaggedMmap.from_lists(f / ".ninja-new-4000000-abc", [np.arange(2)])  # (a killed build's, complete or not)
+    assert len(RaggedMmap(f)) == 0
+
+
 def test_a_directory_without_type_ninja_says_what_left_it(tmp_path):
     """Without type.ninja, data means damage; the message tells a killed entry-by-entry swap
     (the old store waits in .ninja-old-*, .ninja-new-* before) from a copy in progress, and a
@@ -4968,8 +5004,9 @@ def test_a_directory_without_type_ninja_says_what_left_it(tmp_path):
     old.mkdir()
     for name in ("starts", "ends", "type.ninja"):
         os.rename(d / name, old / name)
-    with pytest.raises(ValueError, match=f"{d}: type.ninja is missing and the store's files are in {old}: a "
-                                         f"re-creation was killed while it swapped a new store in entry by entry"):
+    with pytest.raises(ValueError, match=f"{d}: type.ninja is missing, but the directory holds 40 bytes of data in "
+                                         f"data.ninja: a re-creation was killed while it swapped the new store in; "
+                                         f"the old store is in {old}: move its files back"):
         RaggedMmap(d)  # (as the previous version's swap left it: its old store in .ninja-new-*)
     e = tmp_path / "e"
     e.mkdir()
