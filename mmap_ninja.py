@@ -1070,13 +1070,12 @@ def _check_swap(path):
     empty; still at work (its process holds the lock), it is read again once done (see
     _load_from_one_directory)."""
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
-        aside = os.path.join(path, name)  # (type.ninja is the swap's first move)
-        if not (name.startswith(".ninja-old-") and _pid_of(name) is not None
-                and os.path.lexists(os.path.join(aside, "type.ninja"))):
+        aside, pid = os.path.join(path, name), _pid_of(name)  # (type.ninja is the swap's first move)
+        if not name.startswith(".ninja-old-") or pid is None or not os.path.lexists(aside + "/type.ninja"):
             continue
-        if _alive(_pid_of(name)) and _locked_dir(path):
-            raise ValueError(f"{path}: process {_pid_of(name)} is swapping a new store in entry by "
-                             f"entry (its old store is in {aside}); open it again once it is done")
+        if _alive(pid) and _locked_dir(path):
+            raise ValueError(f"{path}: process {pid} is swapping a new store in entry by entry (its "
+                             f"old store is in {aside}); open it again once it is done")
         raise ValueError(f"{path}: type.ninja is missing and the store's files are in {aside}: a "
                          f"re-creation was killed while it swapped a new store in entry by entry; "
                          f"create the store again (from_* at this path replaces it), or restore the "
@@ -1326,7 +1325,7 @@ class _ReadAhead:
         store = self.store()
         self.slices = _ColdSlices(self) if cold and self.data is not None else None
         if store is not None:
-            store._source = self.slices if cold and self.data is not None else self.data
+            store._source = self.data if self.slices is None else self.slices
 
     def due(self):
         """Whether the next batch read needs batch(): always while cold, now and then while hot."""
