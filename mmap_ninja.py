@@ -902,9 +902,8 @@ def _remove_dead_builds(where, prefix, target):
     build that still holds one (its name taken in target meanwhile) is kept."""
     with contextlib.suppress(OSError):
         for name in os.listdir(where):
-            number, _, rest = name[len(prefix):].partition("-")  # (as _unique names them)
-            if name.startswith(prefix) and number.isascii() and number.isdecimal() and rest:
-                pid = int(number)
+            pid = _pid_of(name, prefix)
+            if pid is not None:
                 build, kept = os.path.join(where, name), False
                 if not _alive(pid) and stat.S_ISDIR(os.lstat(build).st_mode):  # (never through a link)
                     for entry in os.listdir(build):
@@ -958,11 +957,14 @@ def _swap_in(build, target, inside):
 _ASIDE = (".ninja-new-", ".ninja-old-")  # a build, and an old store a swap moves aside
 
 
-def _pid_of(name):
-    """The process id in the name of a build or an old store a swap moved aside inside a store
-    directory (as _unique names them: .ninja-new-<pid>-<hex>), else None: a user's own entry."""
-    pid, _, rest = name[len(".ninja-new-"):].partition("-") if name.startswith(_ASIDE) else ("", "", "")
-    return int(pid) if pid.isascii() and pid.isdecimal() and rest else None
+def _pid_of(name, prefixes=_ASIDE):
+    """The process id in a name that _unique made from one of prefixes (prefix, pid, "-", hex:
+    by default a build or an old store a swap moved aside), else None: not ours (a user's)."""
+    for prefix in (prefixes,) if isinstance(prefixes, str) else prefixes:
+        if name.startswith(prefix):
+            pid, _, rest = name[len(prefix):].partition("-")
+            return int(pid) if pid.isascii() and pid.isdecimal() and rest else None
+    return None
 
 
 def _move_foreign(target, build):
@@ -1070,8 +1072,8 @@ def _check_swap(path):
     empty; still at work (its process holds the lock), it is read again once done (see
     _load_from_one_directory)."""
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
-        aside, pid = os.path.join(path, name), _pid_of(name)  # (type.ninja is the swap's first move)
-        if not name.startswith(".ninja-old-") or pid is None or not os.path.lexists(aside + "/type.ninja"):
+        aside, pid = os.path.join(path, name), _pid_of(name, ".ninja-old-")  # (type.ninja: its first move)
+        if pid is None or not os.path.lexists(os.path.join(aside, "type.ninja")):
             continue
         if _alive(pid) and _locked_dir(path):
             raise ValueError(f"{path}: process {pid} is swapping a new store in entry by entry (its "
@@ -4092,8 +4094,8 @@ def _shard_names(out_dir, layout, durable=False):
     else:
         others = [name for name in os.listdir(out_dir) if not name.startswith(".")]
         for name in [name for name in others if name.startswith("shards.json.tmp-")]:
-            pid = name[len("shards.json.tmp-"):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):  # (a conversion killed as it recorded its layout)
+            pid = _pid_of(name, "shards.json.tmp-")
+            if pid is not None and not _alive(pid):  # (a conversion killed as it recorded its layout)
                 others.remove(name)
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(out_dir, name))
